@@ -1,0 +1,225 @@
+"""Exact simulation of rounding to any :mod:`altgrad.formats` format: ``quantize``, ``encode``, ``decode``.
+
+How it rounds: take the float32 exponent of ``x``, clamp it into the format's binades (below: the
+subnormal spacing; above: one binade past the max, whose values all overflow), form the power-of-two
+ulp ``2**(e - M)`` from bits, and round ``x / ulp`` to an integer (ties to even, or stochastically).
+Every step is exact in float32 for every format whose grid fits float32, which ``get_format`` checks.
+Overflow then follows the format's policy (ieee: ±inf, fn: NaN, finite: ±max) unless ``saturate``.
+
+The arithmetic is one elementwise expression, so on large tensors it runs as a single fused kernel
+built by ``torch.compile`` (Inductor's C++/Triton backends): one read of ``x``, one write of the
+result. Small tensors, and machines where compiling fails, use the same expression eagerly; the
+tests check that both paths agree bit for bit. Set ``ALTGRAD_COMPILE=0`` to never compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+
+import torch
+
+from altgrad.formats import FPFormat, get_format
+
+ROUNDINGS = ("nearest", "stochastic")
+
+# Tensors with fewer elements than this run eagerly: a compiled call's fixed cost (guards, launch)
+# outweighs the fused kernel's saving on small inputs.
+COMPILE_MIN_NUMEL = 1 << 16
+
+# Bit layout of the dtype the arithmetic runs in: (integer view, mantissa bits, exponent bias).
+_LAYOUT = {torch.float32: (torch.int32, 23, 127), torch.float64: (torch.int64, 52, 1023)}
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _format_params_on(fmt: FPFormat, saturate: bool, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    return _format_params(fmt, saturate, _compute_dtype(x.dtype), x.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _format_params(fmt: FPFormat, saturate: bool, compute_dtype: torch.dtype, device: torch.device):
+    """The format as 0-d tensors, so one compiled kernel serves every format without recompiling."""
+    _, _, fbias = _LAYOUT[compute_dtype]
+    top_binade = (1 << fmt.exp_bits) - 1 - fmt.bias + 1  # one past the largest normal binade
+    overflow = {"ieee": float("inf"), "fn": float("nan"), "finite": fmt.max_value}[fmt.special]
+    as_int = functools.partial(torch.tensor, dtype=_LAYOUT[compute_dtype][0], device=device)
+    as_float = functools.partial(torch.tensor, dtype=compute_dtype, device=device)
+    return {
+        "exp_lo": as_int(fmt.emin + fbias),
+        "exp_hi": as_int(max(top_binade, fmt.emin) + fbias),
+        "man_bits": as_int(fmt.man_bits),
+        "max_value": as_float(fmt.max_value),
+        "overflow_value": as_float(overflow),
+        "finite_overflow_value": as_float(fmt.max_value if saturate else overflow),
+    }
+
+
+def _ulp_exponent(work, exp_lo, exp_hi, man_bits):
+    """Biased exponent of the grid spacing at each value of ``work`` (float32 or float64)."""
+    int_dtype, mant, fbias = _LAYOUT[work.dtype]
+    return torch.clamp((work.view(int_dtype) >> mant) & (2 * fbias + 1), exp_lo, exp_hi) - man_bits
+
+
+def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, max_value, overflow_value, finite_overflow_value):
+    """Q(x * scale) in the compute dtype. ``noise`` (uniform [0, 1), or None for nearest-even)."""
+    work = x.to(_compute_dtype(x.dtype)) * scale
+    _, mant, fbias = _LAYOUT[work.dtype]
+    ulp_exponent = _ulp_exponent(work, exp_lo, exp_hi, man_bits)
+    ulp = (ulp_exponent << mant).view(work.dtype)
+    inv_ulp = ((2 * fbias - ulp_exponent) << mant).view(work.dtype)
+    rungs = work * inv_ulp  # exact: a power-of-two multiply
+    if noise is None:
+        rungs = torch.round(rungs)  # half to even
+    else:
+        magnitude = rungs.abs()
+        floor = magnitude.floor()
+        rungs = torch.copysign(floor + (noise < magnitude - floor).to(work.dtype), rungs)
+    out = rungs * ulp
+    overflow = torch.where(torch.isinf(work), overflow_value, finite_overflow_value)
+    return torch.where(out.abs() > max_value, torch.copysign(overflow, work), out)
+
+
+def _quantize_kernel(x, scale, noise, **params):
+    return (_round_to_format(x, scale, noise, **params) / scale).to(x.dtype)
+
+
+def _encode_kernel(x, scale, exp_bits, bias, inv_min_subnormal, **params):
+    """uint8 codes of Q(x * scale); the format's integers come as 0-d int32 tensors, like ``params``."""
+    value = _round_to_format(x, scale, None, **params).float()
+    bits = value.view(torch.int32)
+    man_bits = params["man_bits"].to(torch.int32)
+    magnitude_bits = bits & 0x7FFFFFFF
+    field = (magnitude_bits >> 23) - 127 + bias
+    normal_code = (field << man_bits) | ((magnitude_bits >> (23 - man_bits)) & ((1 << man_bits) - 1))
+    subnormal_code = (value.abs() * inv_min_subnormal).to(torch.int32)
+    code = torch.where(field > 0, normal_code, subnormal_code)
+    code = torch.where(torch.isinf(value), ((1 << exp_bits) - 1) << man_bits, code)
+    code = torch.where(torch.isnan(value), (1 << (exp_bits + man_bits)) - 1, code)
+    return (code | ((bits < 0).to(torch.int32) << 7)).to(torch.uint8)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(kernel):
+    return torch.compile(kernel, dynamic=True, fullgraph=True)
+
+
+def _compile_enabled() -> bool:
+    return os.environ.get("ALTGRAD_COMPILE", "1") != "0"
+
+
+def _run(kernel, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Run ``kernel`` fused through torch.compile on large inputs, eagerly otherwise or on failure."""
+    if x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling():
+        try:
+            return _compiled(kernel)(x, *args, **kwargs)
+        except Exception as error:  # no C++ compiler, unsupported device, ...: stay correct, warn once
+            os.environ["ALTGRAD_COMPILE"] = "0"
+            warnings.warn(f"altgrad: torch.compile failed ({error!s:.200}); quantizing eagerly from now on")
+    return kernel(x, *args, **kwargs)
+
+
+def _scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
+    dtype = _compute_dtype(like.dtype)
+    if scale is None:
+        return torch.ones((), dtype=dtype, device=like.device)
+    return torch.as_tensor(scale, dtype=dtype, device=like.device)
+
+
+def _check_input(x: torch.Tensor, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"{what} needs a floating-point tensor, got {type(x).__name__} {getattr(x, 'dtype', '')}")
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized tensor. Backward: the incoming gradient unchanged."""
+
+    @staticmethod
+    def forward(ctx, x, quantized):
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def quantize(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", saturate: bool = False,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """``Q(x * scale) / scale`` with x's dtype and shape; gradients pass straight through.
+
+    ``rounding``: "nearest" (ties to even) or "stochastic" (unbiased: up with probability equal to the
+    distance from the lower neighbour in ulps). ``saturate=True`` clamps finite overflow to ±max;
+    otherwise overflow follows the format (ieee ±inf, fn NaN, finite ±max). NaN stays NaN, and ±inf
+    stays ±inf where the format has inf. fp32/bf16/fp16 use torch's own casts.
+    """
+    fmt = get_format(fmt)
+    _check_input(x, "quantize")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    with torch.no_grad():
+        if fmt.is_native:
+            quantized = _native_cast(x, fmt, scale, rounding, saturate)
+        else:
+            noise = None
+            if rounding == "stochastic":
+                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=_compute_dtype(x.dtype))
+            quantized = _run(_quantize_kernel, x, _scale_tensor(scale, x), noise,
+                             **_format_params_on(fmt, saturate, x))
+    return _StraightThrough.apply(x, quantized) if x.requires_grad and torch.is_grad_enabled() else quantized
+
+
+def _native_cast(x, fmt: FPFormat, scale, rounding: str, saturate: bool) -> torch.Tensor:
+    if rounding != "nearest" and fmt.name != "fp32":
+        raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, which uses torch's own cast")
+    work = x if scale is None else x * scale
+    if saturate:
+        finite = torch.isfinite(work)
+        work = torch.where(finite, work.clamp(-fmt.max_value, fmt.max_value), work)
+    out = work.to(fmt.torch_dtype).to(x.dtype)
+    return out if scale is None else out / scale
+
+
+def ulp(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
+    """The format's grid spacing at each value of ``x`` (in x's units: the spacing at ``x * scale``,
+    divided by ``scale``). Below the smallest normal it is the subnormal spacing; past the largest
+    binade, that binade's spacing. Computed in float32 (float64 for float64 input); for fp32 itself
+    it is exact for normal values only."""
+    fmt = get_format(fmt)
+    _check_input(x, "ulp")
+    work_scale = _scale_tensor(scale, x)
+    work = x.detach().to(work_scale.dtype) * work_scale
+    _, mant, _ = _LAYOUT[work.dtype]
+    params = _format_params_on(fmt, False, x)
+    exponent = _ulp_exponent(work, params["exp_lo"], params["exp_hi"], params["man_bits"])
+    return (exponent << mant).view(work.dtype) / work_scale
+
+
+def encode(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
+    """The format's uint8 bit codes of ``x * scale`` (bit 7 sign, then exponent, then mantissa), rounded
+    to nearest-even with the format's overflow rule. Formats without NaN raise on NaN input."""
+    fmt = get_format(fmt)
+    _check_input(x, "encode")
+    if fmt.bits != 8:
+        raise ValueError(f"encode gives 8-bit codes; {fmt.name} is a {fmt.bits}-bit format")
+    if not fmt.has_nan and torch.isnan(x).any():
+        raise ValueError(f"{fmt.name} has no NaN code, and the input holds NaN")
+    layout = {"exp_bits": fmt.exp_bits, "bias": fmt.bias}
+    layout = {k: torch.tensor(v, dtype=torch.int32, device=x.device) for k, v in layout.items()}
+    inv_min_subnormal = torch.tensor(1 / fmt.min_subnormal, dtype=torch.float32, device=x.device)
+    with torch.no_grad():
+        return _run(_encode_kernel, x, _scale_tensor(scale, x), inv_min_subnormal=inv_min_subnormal,
+                    **layout, **_format_params_on(fmt, False, x))
+
+
+def decode(codes: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
+    """float32 values of uint8 codes (divided by ``scale`` when given): the inverse of :func:`encode`."""
+    fmt = get_format(fmt)
+    if fmt.bits != 8:
+        raise ValueError(f"decode reads 8-bit codes; {fmt.name} is a {fmt.bits}-bit format")
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise ValueError(f"decode needs a uint8 tensor of codes, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    values = fmt.code_values.to(codes.device)[codes.long()]
+    return values if scale is None else values / torch.as_tensor(scale, dtype=torch.float32, device=codes.device)

@@ -1,0 +1,99 @@
+"""Per-tensor scaling: map a tensor's range onto a format's range before rounding.
+
+Three recipes, as in Transformer Engine:
+
+* ``current``: the scale comes from this tensor's own amax (exact range, one extra read of the tensor);
+* ``delayed``: the scale comes from the amax history of earlier calls (TE's default for training);
+  the first call, with no history yet, uses its own amax;
+* ``none``: scale 1, the raw format.
+
+The scale is ``fmt.max_value / amax / 2**margin``, optionally rounded down to a power of two (so that
+scaling itself is exact). A zero or non-finite amax leaves the scale unchanged, as in TE.
+Everything stays on the tensor's device: no host synchronisation in the training step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from altgrad.formats import FPFormat, get_format
+from altgrad.quantize import quantize
+
+RECIPES = ("delayed", "current", "none")
+AMAX_ALGOS = ("max", "most_recent")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How one quantization point picks its scale."""
+
+    recipe: str = "delayed"
+    history_len: int = 16
+    amax_compute: str = "max"  # over the history: "max" or "most_recent"
+    margin: int = 0  # extra power-of-two headroom: scale / 2**margin
+    power_of_two: bool = False
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"scaling recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
+        if self.amax_compute not in AMAX_ALGOS:
+            raise ValueError(f"amax_compute {self.amax_compute!r} is not one of {', '.join(AMAX_ALGOS)}")
+        if self.history_len < 1:
+            raise ValueError(f"history_len must be at least 1, got {self.history_len}")
+
+
+def scale_from_amax(amax: torch.Tensor, fmt: FPFormat | str, *, margin: int = 0, power_of_two: bool = False,
+                    previous: torch.Tensor | None = None) -> torch.Tensor:
+    """``fmt.max_value / amax / 2**margin``; where amax is 0 or not finite, ``previous`` (default 1)."""
+    fmt = get_format(fmt)
+    amax = torch.as_tensor(amax, dtype=torch.float32)
+    scale = fmt.max_value / amax / 2.0**margin
+    if power_of_two:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    fallback = torch.ones_like(scale) if previous is None else previous.to(scale)
+    usable = (amax > 0) & torch.isfinite(amax) & torch.isfinite(scale) & (scale > 0)
+    return torch.where(usable, scale, fallback)
+
+
+class Scaler(torch.nn.Module):
+    """The scale of one quantization point (a weight, an activation or a gradient).
+
+    Its amax history is a buffer, so it is saved and restored with the model's ``state_dict``.
+    """
+
+    def __init__(self, fmt: FPFormat | str, config: ScalingConfig = ScalingConfig()):
+        super().__init__()
+        self.fmt = get_format(fmt)
+        self.config = config
+        self.register_buffer("amax_history", torch.zeros(config.history_len))
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+
+    def quantize(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Quantize ``x`` with this point's scale, then record its amax for later calls."""
+        if self.config.recipe == "none" or self.fmt.name == "fp32":
+            return quantize(x, self.fmt, **kwargs)
+        amax = x.detach().abs().amax().float()
+        if self.config.recipe == "current":
+            scale = self._scale_for(amax)
+        else:  # delayed: the history's scale, or this tensor's own on the very first call
+            scale = torch.where(self.observed, self.scale, self._scale_for(amax))
+            self._record(amax)
+        return quantize(x, self.fmt, scale=scale, **kwargs)
+
+    def _scale_for(self, amax: torch.Tensor) -> torch.Tensor:
+        return scale_from_amax(amax, self.fmt, margin=self.config.margin,
+                               power_of_two=self.config.power_of_two, previous=self.scale)
+
+    @torch.no_grad()
+    def _record(self, amax: torch.Tensor) -> None:
+        self.amax_history.copy_(torch.roll(self.amax_history, 1))
+        self.amax_history[0] = amax
+        history_amax = self.amax_history.max() if self.config.amax_compute == "max" else amax
+        self.scale.copy_(self._scale_for(history_amax))
+        self.observed.fill_(True)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt.name}, {self.config}"
