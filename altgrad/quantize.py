@@ -52,6 +52,7 @@ def _format_params(fmt: FPFormat, saturate: bool, compute_dtype: torch.dtype, de
         "exp_lo": as_int(fmt.emin + fbias),
         "exp_hi": as_int(max(top_binade, fmt.emin) + fbias),
         "man_bits": as_int(fmt.man_bits),
+        "field_offset": as_int(fmt.bias - fbias),  # float exponent + this = the format's exponent field
         "max_value": as_float(fmt.max_value),
         "overflow_value": as_float(overflow),
         "finite_overflow_value": as_float(fmt.max_value if saturate else overflow),
@@ -64,7 +65,8 @@ def _ulp_exponent(work, exp_lo, exp_hi, man_bits):
     return torch.clamp((work.view(int_dtype) >> mant) & (2 * fbias + 1), exp_lo, exp_hi) - man_bits
 
 
-def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, max_value, overflow_value, finite_overflow_value):
+def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, max_value, overflow_value,
+                     finite_overflow_value):
     """Q(x * scale) in the compute dtype. ``noise`` (uniform [0, 1), or None for nearest-even)."""
     work = x.to(_compute_dtype(x.dtype)) * scale
     _, mant, fbias = _LAYOUT[work.dtype]
@@ -73,7 +75,12 @@ def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, max_value, overf
     inv_ulp = ((2 * fbias - ulp_exponent) << mant).view(work.dtype)
     rungs = work * inv_ulp  # exact: a power-of-two multiply
     if noise is None:
-        rungs = torch.round(rungs)  # half to even
+        rounded = torch.round(rungs)  # half to even: the even significand is the even code ...
+        # ... except with no mantissa bits (E7M0), where every normal significand is 1 and the tie
+        # 1.5 * 2**e goes to the neighbour whose exponent field is even.
+        lower_code_even = ((ulp_exponent + field_offset) & 1) == 0
+        tie_down = (man_bits == 0) & (rungs.abs() == 1.5) & lower_code_even
+        rungs = torch.where(tie_down, torch.sign(rungs), rounded)
     else:
         magnitude = rungs.abs()
         floor = magnitude.floor()
@@ -161,7 +168,13 @@ def quantize(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", sat
         raise ValueError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
     with torch.no_grad():
         if fmt.is_native:
-            quantized = _native_cast(x, fmt, scale, rounding, saturate)
+            if rounding != "nearest":
+                raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, a native torch cast")
+            if fmt.torch_dtype == x.dtype:  # rounding a dtype to itself: the identity (the fp32 baseline)
+                return x
+            max_value = torch.tensor(fmt.max_value, dtype=_compute_dtype(x.dtype), device=x.device)
+            quantized = _run(_native_kernel, x, _scale_tensor(scale, x), max_value, dtype=fmt.torch_dtype,
+                             saturate=saturate)
         else:
             noise = None
             if rounding == "stochastic":
@@ -171,15 +184,11 @@ def quantize(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", sat
     return _StraightThrough.apply(x, quantized) if x.requires_grad and torch.is_grad_enabled() else quantized
 
 
-def _native_cast(x, fmt: FPFormat, scale, rounding: str, saturate: bool) -> torch.Tensor:
-    if rounding != "nearest" and fmt.name != "fp32":
-        raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, which uses torch's own cast")
-    work = x if scale is None else x * scale
-    if saturate:
-        finite = torch.isfinite(work)
-        work = torch.where(finite, work.clamp(-fmt.max_value, fmt.max_value), work)
-    out = work.to(fmt.torch_dtype).to(x.dtype)
-    return out if scale is None else out / scale
+def _native_kernel(x, scale, max_value, dtype: torch.dtype, saturate: bool):
+    work = x * scale
+    if saturate:  # clamp finite overflow; ±inf stays ±inf
+        work = torch.where(torch.isinf(work), work, work.clamp(-max_value, max_value))
+    return (work.to(dtype).to(x.dtype) / scale).to(x.dtype)
 
 
 def ulp(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:

@@ -78,6 +78,8 @@ class Scaler(torch.nn.Module):
         amax = x.detach().abs().amax().float()
         if self.config.recipe == "current":
             scale = self._scale_for(amax)
+            with torch.no_grad():
+                self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
         else:  # delayed: the history's scale, or this tensor's own on the very first call
             scale = torch.where(self.observed, self.scale, self._scale_for(amax))
             self._record(amax)

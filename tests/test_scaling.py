@@ -1,0 +1,75 @@
+"""Per-tensor scaling: the recipes recover a tensor's range and follow Transformer Engine's rules."""
+
+import pytest
+import torch
+
+from altgrad.formats import get_format
+from altgrad.quantize import quantize
+from altgrad.scaling import Scaler, ScalingConfig, scale_from_amax
+
+
+def tiny_tensor(seed=0, magnitude=1e-5):
+    return torch.randn(4096, generator=torch.Generator().manual_seed(seed)) * magnitude
+
+
+def relative_error(approx, exact):
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
+def test_current_scaling_recovers_a_tensor_far_below_the_format_range():
+    x = tiny_tensor()
+    assert (quantize(x, "E4M3") == 0).float().mean() > 0.99  # unscaled, almost everything underflows
+    scaled = Scaler("E4M3", ScalingConfig(recipe="current")).quantize(x, saturate=True)
+    assert relative_error(scaled, x) < 2**-4  # E4M3's half-ulp relative error is 2**-4
+
+
+def test_scale_maps_amax_onto_the_format_max_with_margin_and_powers_of_two():
+    fmt = get_format("E5M2")
+    assert scale_from_amax(torch.tensor(2.0), fmt).item() == fmt.max_value / 2
+    assert scale_from_amax(torch.tensor(2.0), fmt, margin=3).item() == fmt.max_value / 2 / 8
+    pow2 = scale_from_amax(torch.tensor(3.0), fmt, power_of_two=True).item()
+    assert pow2 == 2.0**14 and pow2 <= fmt.max_value / 3  # rounded down: amax * scale never overflows
+
+
+def test_zero_or_non_finite_amax_keeps_the_previous_scale():
+    previous = torch.tensor(5.0)
+    for amax in (0.0, float("inf"), float("nan")):
+        assert scale_from_amax(torch.tensor(amax), "E4M3", previous=previous).item() == 5.0
+    assert scale_from_amax(torch.tensor(0.0), "E4M3").item() == 1.0
+
+
+def test_delayed_scaling_uses_the_history_not_the_current_tensor():
+    scaler = Scaler("E4M3", ScalingConfig(recipe="delayed", history_len=3))
+    first = tiny_tensor(magnitude=1.0)
+    scaler.quantize(first)  # first call: its own amax
+    assert torch.isclose(scaler.scale, torch.tensor(448.0) / first.abs().max())
+    big = first * 10
+    scaler.quantize(big)  # quantized with the old scale, then recorded
+    assert torch.isclose(scaler.scale, torch.tensor(448.0) / big.abs().max())
+    for _ in range(3):  # after history_len small tensors the big amax has rolled out
+        scaler.quantize(first)
+    assert torch.isclose(scaler.scale, torch.tensor(448.0) / first.abs().max())
+
+
+def test_most_recent_amax_and_state_dict_round_trip():
+    config = ScalingConfig(recipe="delayed", history_len=4, amax_compute="most_recent")
+    scaler = Scaler("E5M2", config)
+    for magnitude in (10.0, 1.0):
+        scaler.quantize(tiny_tensor(magnitude=magnitude))
+    assert torch.isclose(scaler.scale, torch.tensor(57344.0) / tiny_tensor(magnitude=1.0).abs().max())
+    restored = Scaler("E5M2", config)
+    restored.load_state_dict(scaler.state_dict())
+    x = tiny_tensor(seed=1)
+    assert torch.equal(restored.quantize(x), scaler.quantize(x))
+
+
+def test_recipe_none_and_fp32_do_not_scale():
+    x = tiny_tensor()
+    assert torch.equal(Scaler("E4M3", ScalingConfig(recipe="none")).quantize(x), quantize(x, "E4M3"))
+    assert torch.equal(Scaler("fp32").quantize(x), x)
+
+
+def test_bad_config_is_rejected():
+    for kwargs in ({"recipe": "sometimes"}, {"amax_compute": "mean"}, {"history_len": 0}):
+        with pytest.raises(ValueError):
+            ScalingConfig(**kwargs)
