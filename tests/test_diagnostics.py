@@ -1,0 +1,308 @@
+"""Diagnostics against independent references: codes from ``encode`` and values from ``quantize`` for
+flips, numpy's SVD for the spectra, and synthetic series with a known answer for the trend detector."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from altgrad.diagnostics import (CLOBBER_KEYS, RANK_KEYS, FlipTracker, RankTrendConfig, RankTrendDetector,
+                                 critical_layer_metrics, gradient_topk_share, principal_subspace_angle,
+                                 rank_metrics, stall_ratio)
+from altgrad.formats import get_format
+from altgrad.quantize import encode, quantize
+
+FORMATS = ["E5M2", "E4M3", "E3M4", "E2M5", "E0M7", "E7M0", "bf16", "fp16", "fp32"]
+CODE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+# ---- FlipTracker ----------------------------------------------------------------------------------
+
+def sgd_step(weight: torch.nn.Parameter, generator: torch.Generator, lr: float = 3e-3) -> None:
+    """Give ``weight`` a gradient with a quarter of its entries zero, then take an in-place SGD step."""
+    grad = torch.randn(weight.shape, generator=generator)
+    weight.grad = grad * (torch.rand(weight.shape, generator=generator) < 0.75)
+    with torch.no_grad():
+        weight.sub_(lr * weight.grad)
+
+
+@pytest.mark.parametrize("scale", [None, 3.0])
+@pytest.mark.parametrize("spec", FORMATS)
+def test_flips_match_a_direct_comparison(spec, scale):
+    generator = torch.Generator().manual_seed(0)
+    magnitudes = 0.05 + 0.05 * torch.rand(64, 64, generator=generator)  # clear of zero and of overflow
+    signs = torch.randint(0, 2, (64, 64), generator=generator) * 2 - 1
+    weight = torch.nn.Parameter(magnitudes * signs)
+    scale = None if scale is None else torch.tensor(scale)
+    tracker = FlipTracker()
+    tracker.track("w", weight, spec, scale)
+
+    sgd_step(weight, generator)
+    first = tracker.measure()["w"]
+    assert math.isnan(first.flips)  # nothing to compare with yet
+    assert first.updates == torch.count_nonzero(weight.grad).item()
+
+    fmt = get_format(spec)
+    if fmt.is_native:
+        def codes(w):
+            return (w if scale is None else w * scale).to(fmt.torch_dtype)
+    else:
+        def codes(w):
+            return encode(w, fmt, scale=scale)
+    before = codes(weight.detach().clone())
+    sgd_step(weight, generator)
+    flips, updates = tracker.measure()["w"]
+    expected = torch.count_nonzero(codes(weight.detach()) != before).item()
+    assert 0 < flips == expected
+    assert updates == torch.count_nonzero(weight.grad).item()
+    assert stall_ratio(flips, updates) == 1 - expected / updates
+    assert tracker.nbytes == weight.numel() * CODE_BYTES.get(spec, 1)
+
+
+@pytest.mark.parametrize("spec", ["E5M2", "E4M3", "E0M7", "fp16"])
+def test_flips_count_only_changes_the_forward_sees(spec):
+    """Sign changes under the flush to zero and growth past the saturating max are not flips."""
+    fmt = get_format(spec)
+    big, tiny = 4 * fmt.max_value, fmt.min_subnormal / 4
+    weight = torch.nn.Parameter(torch.tensor([[tiny, -tiny, big, -big, 0.3, 0.0]]))
+    tracker = FlipTracker()
+    tracker.track("w", weight, spec)
+    tracker.measure()
+    before = quantize(weight.detach().clone(), fmt, saturate=True)
+    with torch.no_grad():
+        weight.copy_(torch.tensor([[-tiny, tiny, 2 * big, -3 * big, 0.3 + 2 * fmt.max_value / 64, -0.0]]))
+    after = quantize(weight.detach(), fmt, saturate=True)
+    assert tracker.measure()["w"].flips == torch.count_nonzero(after != before).item() == 1
+
+
+def test_measure_handles_several_layers_missing_grads_and_nan_weights():
+    generator = torch.Generator().manual_seed(1)
+    layers = {name: torch.nn.Parameter(torch.randn(8, 16, generator=generator)) for name in "abc"}
+    tracker = FlipTracker()
+    for (name, weight), spec in zip(layers.items(), ["E2M5", "E5M2", "fp16"]):
+        tracker.track(name, weight, spec)
+    tracker.measure()
+    with torch.no_grad():
+        layers["a"][0, 0] = math.nan  # E2M5 has no NaN code: counted as zero, never raises
+    counts = tracker.measure()
+    assert list(counts) == ["a", "b", "c"]
+    assert counts["a"] == (1.0, 0.0) and counts["b"] == (0.0, 0.0) and counts["c"] == (0.0, 0.0)
+    assert math.isnan(stall_ratio(*counts["b"]))
+
+
+def test_stall_ratio_edge_cases():
+    assert stall_ratio(3, 4) == 0.25
+    assert stall_ratio(5, 4) == -0.25  # more flips than gradients: momentum, decay or a scale change
+    assert math.isnan(stall_ratio(0, 0))
+    assert math.isnan(stall_ratio(math.nan, 10))
+
+
+# ---- rank metrics ---------------------------------------------------------------------------------
+
+def numpy_rank_metrics(matrix: np.ndarray) -> tuple[float, float, float]:
+    s = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    if s[0] == 0:
+        return 0.0, 0.0, 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float((s**2).sum() / s[0] ** 2), float(np.exp(-(p * np.log(p)).sum())), float(s[0])
+
+
+def orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((rows, cols)))[0]
+
+
+def matrix_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "gaussian": rng.standard_normal((32, 48)),
+        "rank 1": np.outer(rng.standard_normal(40), rng.standard_normal(24)),
+        "rank 3": rng.standard_normal((40, 3)) @ rng.standard_normal((3, 24)),
+        "decaying spectrum": orthonormal(rng, 30, 20) @ np.diag(0.7 ** np.arange(20)) @ orthonormal(rng, 20, 20).T,
+        "1 x n": rng.standard_normal((1, 17)),
+        "n x 1": rng.standard_normal((17, 1)),
+        "tiny": 1e-30 * rng.standard_normal((16, 16)),
+        "zero": np.zeros((8, 12)),
+    }
+
+
+@pytest.mark.parametrize("case", matrix_cases())
+def test_rank_metrics_match_numpy(case):
+    matrix = matrix_cases()[case]
+    ours = rank_metrics(torch.tensor(matrix, dtype=torch.float32))
+    stable, effective, spectral = numpy_rank_metrics(matrix)
+    assert ours == pytest.approx({"stable_rank": stable, "effective_rank": effective, "spectral_norm": spectral},
+                                 rel=1e-4, abs=0)
+    assert all(type(value) is float for value in ours.values())
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_rank_metrics_of_a_non_finite_matrix_are_nan(bad):
+    matrix = torch.eye(6)
+    matrix[2, 3] = bad
+    assert all(math.isnan(value) for value in rank_metrics(matrix).values())
+
+
+def test_rank_metrics_take_parameters_and_low_precision_but_not_vectors():
+    weight = torch.nn.Parameter(torch.eye(5, dtype=torch.bfloat16) * 2)
+    assert rank_metrics(weight) == {"stable_rank": 5.0, "effective_rank": pytest.approx(5.0), "spectral_norm": 2.0}
+    with pytest.raises(ValueError, match="2-D"):
+        rank_metrics(torch.ones(5))
+
+
+# ---- clobbering: subspace angle and gradient share -------------------------------------------------
+
+def numpy_largest_angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    cosines = np.linalg.svd(a.T @ b, compute_uv=False)
+    return float(np.degrees(np.arccos(min(cosines.min(), 1.0))))
+
+
+def test_principal_subspace_angle_matches_constructed_cases_and_numpy():
+    rng = np.random.default_rng(2)
+    basis = orthonormal(rng, 20, 6)  # columns 0-2 and 3-5 span orthogonal subspaces
+    span, other = basis[:, :3], basis[:, 3:]
+    rotation = orthonormal(rng, 3, 3)
+    theta = math.radians(30)
+    tilted = span.copy()
+    tilted[:, 0] = math.cos(theta) * span[:, 0] + math.sin(theta) * other[:, 0]
+    random_span = orthonormal(rng, 20, 3)
+
+    def angle(a, b):
+        return principal_subspace_angle(torch.tensor(a), torch.tensor(b))
+
+    assert angle(span, span @ rotation) == pytest.approx(0.0, abs=0.1)  # same subspace, another basis
+    assert angle(span, other) == pytest.approx(90.0, abs=1e-3)
+    assert angle(span, tilted) == pytest.approx(30.0, abs=1e-3)
+    assert angle(span, random_span) == pytest.approx(numpy_largest_angle_deg(span, random_span), abs=1e-3)
+
+
+def test_gradient_topk_share_matches_constructed_cases_and_numpy():
+    rng = np.random.default_rng(3)
+    u, v, k = orthonormal(rng, 24, 10), orthonormal(rng, 16, 10), 3
+    inside = u[:, :k] @ rng.standard_normal((k, k)) @ v[:, :k].T
+    outside = u[:, k:] @ rng.standard_normal((10 - k, 10 - k)) @ v[:, k:].T
+    grad = rng.standard_normal((24, 16))
+    projected = u[:, :k] @ u[:, :k].T @ grad @ v[:, :k] @ v[:, :k].T
+    expected = float((projected**2).sum() / (grad**2).sum())
+
+    def share(g):
+        return gradient_topk_share(torch.tensor(g), torch.tensor(u), torch.tensor(v), k)
+
+    assert share(inside) == pytest.approx(1.0, abs=1e-6)
+    assert share(outside) == pytest.approx(0.0, abs=1e-6)
+    mixed = inside + outside  # orthogonal parts: their squared norms add
+    assert share(mixed) == pytest.approx(float((inside**2).sum() / (mixed**2).sum()), rel=1e-5)
+    assert share(grad) == pytest.approx(expected, rel=1e-5)
+    assert math.isnan(share(np.zeros((24, 16))))
+
+
+def test_critical_layer_metrics_from_one_svd():
+    rng = np.random.default_rng(4)
+    u, v, k = orthonormal(rng, 40, 12), orthonormal(rng, 24, 12), 4
+    weight = torch.tensor(u @ np.diag(np.arange(12, 0, -1.0)) @ v.T, dtype=torch.float32)
+    inside = torch.tensor(u[:, :k] @ rng.standard_normal((k, k)) @ v[:, :k].T, dtype=torch.float32)
+
+    metrics, basis = critical_layer_metrics(weight, grad=inside, k=k)
+    assert set(metrics) == set(RANK_KEYS + CLOBBER_KEYS)
+    assert {key: metrics[key] for key in RANK_KEYS} == pytest.approx(rank_metrics(weight), rel=1e-5)
+    assert math.isnan(metrics["subspace_angle_deg"])  # first check: no previous basis
+    assert metrics["grad_topk_share"] == pytest.approx(1.0, abs=1e-5)
+    assert basis.shape == (40, k)
+    assert numpy_largest_angle_deg(basis.double().numpy(), u[:, :k]) == pytest.approx(0.0, abs=0.1)
+
+    again, _ = critical_layer_metrics(weight * 2, grad=torch.zeros_like(weight), previous_basis=basis, k=k)
+    assert again["subspace_angle_deg"] == pytest.approx(0.0, abs=0.1)
+    assert math.isnan(again["grad_topk_share"])
+
+
+@pytest.mark.parametrize("case", ["rank below k", "zero", "non-finite"])
+def test_critical_layer_metrics_without_a_defined_subspace(case):
+    rng = np.random.default_rng(5)
+    weight = {
+        "rank below k": torch.tensor(rng.standard_normal((20, 2)) @ rng.standard_normal((2, 16)), dtype=torch.float32),
+        "zero": torch.zeros(20, 16),
+        "non-finite": torch.full((20, 16), math.inf),
+    }[case]
+    metrics, basis = critical_layer_metrics(weight, grad=torch.ones(20, 16), previous_basis=torch.eye(20)[:, :4], k=4)
+    assert basis is None
+    assert math.isnan(metrics["subspace_angle_deg"]) and math.isnan(metrics["grad_topk_share"])
+    if case == "rank below k":
+        assert metrics["stable_rank"] == pytest.approx(numpy_rank_metrics(weight.double().numpy())[0], rel=1e-4)
+
+
+# ---- rank-collapse warnings -----------------------------------------------------------------------
+
+NORMAL, CRITICAL = "transformer.h.0.mlp.c_fc.weight", "lm_head.weight"
+
+
+def warning_steps(detector: RankTrendDetector, layer: str, series: dict[int, float]) -> list[int]:
+    return [step for step, value in series.items() if detector.update(layer, step, value)]
+
+
+def test_no_warning_during_warmup_even_with_a_drop():
+    series = {step: 10.0 if step < 50 else 0.1 for step in range(200)}
+    assert warning_steps(RankTrendDetector(RankTrendConfig(warmup_steps=200)), CRITICAL, series) == []
+
+
+@pytest.mark.parametrize("every", [1, 50])
+def test_no_warning_on_stationary_noise(every):
+    rng = np.random.default_rng(6)
+    series = {step: 10.0 * (1 + rng.uniform(-0.05, 0.05)) for step in range(0, 1000, every)}
+    for layer in (NORMAL, CRITICAL):
+        assert warning_steps(RankTrendDetector(), layer, series) == []
+
+
+def test_a_sustained_drop_warns_until_it_recovers():
+    series = {step: 10.0 if step < 500 or step >= 800 else 3.0 for step in range(1000)}
+    warned = warning_steps(RankTrendDetector(), NORMAL, series)
+    assert 500 < warned[0] < 600  # the 50-step EMA needs about 60 steps to lose half of a 70% drop
+    assert warned == list(range(warned[0], warned[-1] + 1)) and 800 < warned[-1] < 850
+
+
+def test_critical_threshold_fires_earlier_on_the_same_series():
+    series = {step: 10.0 - 9.0 * max(0, step - 200) / 800 for step in range(0, 1001, 10)}  # 10 -> 1
+    detector = RankTrendDetector()
+    first_normal = warning_steps(detector, NORMAL, series)[0]
+    first_critical = warning_steps(detector, CRITICAL, series)[0]
+    assert first_critical < first_normal
+
+
+def test_warmup_is_counted_in_steps_not_checks():
+    series = {step: 10.0 if step <= 200 else 1.0 for step in range(0, 1000, 50)}
+    detector = RankTrendDetector(RankTrendConfig(warmup_steps=200))
+    assert warning_steps(detector, NORMAL, series)[0] == 250
+
+
+def test_nan_values_neither_warn_nor_poison_the_ema():
+    rng = np.random.default_rng(7)
+    series = {step: 10.0 * (1 + rng.uniform(-0.05, 0.05)) if step < 500 else 3.0 for step in range(0, 1000, 10)}
+    with_gaps = {step: math.nan if step % 30 == 0 else value for step, value in series.items()}
+    with_gaps[600] = math.inf
+    clean_steps = {step: value for step, value in series.items() if math.isfinite(with_gaps[step])}
+    expected = warning_steps(RankTrendDetector(), NORMAL, clean_steps)
+    assert expected and warning_steps(RankTrendDetector(), NORMAL, with_gaps) == expected
+
+
+def test_critical_patterns_are_globs_matched_anywhere():
+    detector = RankTrendDetector()
+    assert detector.is_critical("transformer.h.3.attn.c_proj.weight")
+    assert detector.is_critical(CRITICAL)
+    assert not detector.is_critical(NORMAL)
+    custom = RankTrendDetector(RankTrendConfig(critical_patterns=("h.1.*.c_fc",)))
+    assert custom.is_critical("transformer.h.1.mlp.c_fc.weight")
+    assert not custom.is_critical("transformer.h.2.mlp.c_fc.weight")
+
+
+@pytest.mark.parametrize("bad", [{"drop_threshold": 1.5}, {"critical_drop_threshold": 0}, {"ema_beta": 1.0},
+                                 {"warmup_steps": -1}, {"critical_patterns": "lm_head"}, {"metric": "spectral_norm"}])
+def test_bad_config_raises(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        RankTrendConfig(**bad)
+
+
+def test_steps_going_backwards_raise():
+    detector = RankTrendDetector()
+    detector.update(NORMAL, 100, 5.0)
+    with pytest.raises(ValueError, match="step 50"):
+        detector.update(NORMAL, 50, 5.0)
