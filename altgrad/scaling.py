@@ -71,25 +71,34 @@ class Scaler(torch.nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
 
-    def quantize(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Quantize ``x`` with this point's scale, then record its amax for later calls."""
+    def next_scale(self, amax: torch.Tensor) -> torch.Tensor | None:
+        """The scale :meth:`quantize` would use now for a tensor with this amax (None: unscaled).
+        No side effects: evaluation and inspection use it without moving the history."""
         if self.config.recipe == "none" or self.fmt.name == "fp32":
-            return quantize(x, self.fmt, **kwargs)
-        amax = x.detach().abs().amax().float()
+            return None
+        fresh = self._scale_for(amax)
         if self.config.recipe == "current":
-            scale = self._scale_for(amax)
+            return fresh
+        return torch.where(self.observed, self.scale, fresh)  # delayed; own amax on the very first call
+
+    def quantize(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Quantize ``x`` with this point's scale, then record its amax for later calls.
+        ``last_amax`` and ``last_scale`` keep what this call saw and used (for statistics)."""
+        amax = x.detach().abs().amax().float() if self.fmt.name != "fp32" else None
+        scale = self.next_scale(amax)
+        if scale is not None:
             with torch.no_grad():
-                self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
-        else:  # delayed: the history's scale, or this tensor's own on the very first call
-            scale = torch.where(self.observed, self.scale, self._scale_for(amax))
-            self._record(amax)
+                if self.config.recipe == "delayed":
+                    self._record(amax)
+                else:
+                    self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
+        self.last_amax, self.last_scale = amax, scale
         return quantize(x, self.fmt, scale=scale, **kwargs)
 
     def _scale_for(self, amax: torch.Tensor) -> torch.Tensor:
         return scale_from_amax(amax, self.fmt, margin=self.config.margin,
                                power_of_two=self.config.power_of_two, previous=self.scale)
 
-    @torch.no_grad()
     def _record(self, amax: torch.Tensor) -> None:
         self.amax_history.copy_(torch.roll(self.amax_history, 1))
         self.amax_history[0] = amax

@@ -1,0 +1,243 @@
+"""Simulated low-precision linear layers, and the policies that put them into a model.
+
+:class:`QuantLinear` is an ``nn.Linear`` whose matmul sees its input activation and weight rounded to
+a format, each through its own :class:`~altgrad.scaling.Scaler`, and whose output gradient is rounded
+on the way back (the FP8 training recipe: E4M3-style forward, E5M2 gradients). The matmul itself runs
+in fp32, as an FP8 tensor core accumulates in fp32. Weights stay fp32 masters; rounding passes
+gradients straight through.
+
+fp32 goes through the same class and code path with rounding that changes nothing, so the baseline
+is bitwise ``nn.Linear`` and differs from the 8-bit runs only in the format.
+
+Each quantization point ("weight", "input", "grad") counts overflow, underflow and NaN on the device
+during training; :meth:`QuantLinear.pop_stats` reads them with one host sync.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from altgrad.formats import FPFormat, get_format
+from altgrad.quantize import ROUNDINGS, quantize
+from altgrad.scaling import Scaler, ScalingConfig
+
+POINTS = ("weight", "input", "grad")
+LAYER_POLICIES = ("all", "attention", "mlp", "no_head")
+DEFAULT_GRAD_FORMAT = "E5M2"  # range over precision: gradients span more binades than they need digits
+
+# fp32 and bf16 have fp32's exponent range, so a per-tensor scale buys nothing: they are plain torch casts.
+_UNSCALED = ScalingConfig(recipe="none")
+
+
+def grad_format_for(fmt, eight_bit=DEFAULT_GRAD_FORMAT) -> FPFormat | None:
+    """The output-gradient format that goes with weight format ``fmt``: ``eight_bit`` for an 8-bit
+    format (None: leave gradients alone), the format itself for bf16/fp16, and None for fp32."""
+    fmt = get_format(fmt)
+    if fmt.name == "fp32" or (not fmt.is_native and eight_bit is None):
+        return None
+    return fmt if fmt.is_native else get_format(eight_bit)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """The formats and rounding of one :class:`QuantLinear`. Specs are normalised to FPFormat.
+
+    ``activation`` None means the weight's format; ``grad`` "auto" means :func:`grad_format_for`
+    the weight's format, and None turns gradient rounding off.
+    """
+
+    weight: FPFormat | str = "E4M3"
+    activation: FPFormat | str | None = None
+    grad: FPFormat | str | None = "auto"
+    scaling: ScalingConfig = ScalingConfig()
+    saturate: bool = True
+    rounding: str = "nearest"
+
+    def __post_init__(self):
+        weight = get_format(self.weight)
+        object.__setattr__(self, "weight", weight)
+        object.__setattr__(self, "activation", get_format(self.activation if self.activation is not None else weight))
+        grad = grad_format_for(weight) if self.grad == "auto" else self.grad
+        object.__setattr__(self, "grad", None if grad is None else get_format(grad))
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"rounding={self.rounding!r} is not one of {', '.join(ROUNDINGS)}")
+
+    def format_of(self, point: str) -> FPFormat | None:
+        return {"weight": self.weight, "input": self.activation, "grad": self.grad}[point]
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().abs().amax().float()
+
+
+class _QuantizeGrad(torch.autograd.Function):
+    """Identity forward; backward rounds the output gradient at the layer's "grad" point, so that the
+    weight and input gradients are computed from it, as in FP8 training."""
+
+    @staticmethod
+    def forward(ctx, y, layer):
+        ctx.layer = layer
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.layer._quantize("grad", grad), None
+
+
+class QuantLinear(nn.Linear):
+    """``nn.Linear`` with simulated low-precision weight, input activation and output gradient.
+
+    Every point is scaled per ``config.scaling`` except fp32 and bf16 ones, which are plain casts.
+    In training mode each call advances the points' amax histories and, when ``stats_enabled``, adds
+    to their on-device counts. In eval mode it uses the current scales and changes nothing, so
+    evaluating never alters the training run.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 config: QuantConfig = QuantConfig(), device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.config = config
+        self.stats_enabled = True
+        self.scalers = nn.ModuleDict({
+            point: Scaler(fmt, _UNSCALED if fmt.exp_bits >= 8 else config.scaling)
+            for point in POINTS if (fmt := config.format_of(point)) is not None
+        }).to(self.weight.device)
+        # Per point: overflow, underflow and NaN counts, last amax, last scale. Not checkpointed.
+        self.register_buffer("_stats", torch.zeros(len(POINTS), 5, dtype=torch.float64, device=self.weight.device),
+                             persistent=False)
+        self._numel = [0] * len(POINTS)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
+        """A QuantLinear that shares ``linear``'s parameters (so tied weights and optimizers still see them)."""
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+        layer.weight, layer.bias = linear.weight, linear.bias
+        return layer.train(linear.training)
+
+    @property
+    def weight_format(self) -> FPFormat:
+        return self.config.weight
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        """The weight Scaler's live 0-d scale buffer: under delayed scaling, the scale the next forward
+        uses. (With the "current" and "none" recipes it stays 1; ``quantized_weight`` is right for all.)"""
+        return self.scalers["weight"].scale
+
+    @torch.no_grad()
+    def quantized_weight(self) -> torch.Tensor:
+        """The weight as the forward pass sees it now, without touching the amax history."""
+        return self._quantize_frozen("weight", self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(self._quantize("input", x), self._quantize("weight", self.weight), self.bias)
+        return _QuantizeGrad.apply(y, self) if "grad" in self.scalers and torch.is_grad_enabled() else y
+
+    def _quantize(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        """Round ``x`` at one point: in training advancing its scale and counting, in eval changing nothing."""
+        if not self.training:
+            return self._quantize_frozen(point, x)
+        scaler = self.scalers[point]
+        q = scaler.quantize(x, saturate=self.config.saturate, rounding=self.config.rounding)
+        if self.stats_enabled and scaler.last_amax is not None:  # fp32 points cannot overflow: not counted
+            self._count(point, x, q, scaler.last_amax, scaler.last_scale)
+        return q
+
+    def _quantize_frozen(self, point: str, x: torch.Tensor) -> torch.Tensor:
+        scaler = self.scalers[point]
+        scale = scaler.next_scale(_amax(x)) if scaler.fmt.name != "fp32" else None
+        return quantize(x, scaler.fmt, scale=scale, saturate=self.config.saturate, rounding=self.config.rounding)
+
+    @torch.no_grad()
+    def _count(self, point: str, x: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, scale) -> None:
+        """Add this tensor's counts to the point's row, on the device (no host sync)."""
+        i = POINTS.index(point)
+        scale = torch.ones((), device=x.device) if scale is None else scale
+        overflow = (x.abs() * scale > self.scalers[point].fmt.max_value).sum()  # before saturation
+        underflow = ((x != 0) & (q == 0)).sum()
+        self._stats[i, :3] += torch.stack([overflow, underflow, q.isnan().sum()])
+        self._stats[i, 3:] = torch.stack([amax, scale.float()])
+        self._numel[i] += x.numel()
+
+    def pop_stats(self) -> dict[str, dict[str, float]]:
+        """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale}}`` over the training calls
+        since the last pop, for every point in POINTS; NaN where nothing was counted. Then resets."""
+        rows = self._stats.tolist()  # the one host sync
+        self._stats.zero_()
+        stats = {}
+        for point, (overflow, underflow, nans, amax, scale), n in zip(POINTS, rows, self._numel):
+            counted = n > 0
+            stats[point] = {
+                "overflow_frac": overflow / n if counted else math.nan,
+                "underflow_frac": underflow / n if counted else math.nan,
+                "nan_count": nans if counted else math.nan,
+                "amax": amax if counted else math.nan,
+                "scale": scale if counted else math.nan,
+            }
+        self._numel = [0] * len(POINTS)
+        return stats
+
+    def extra_repr(self) -> str:
+        grad = self.config.grad.name if self.config.grad else "off"
+        return (f"{super().extra_repr()}, weight={self.config.weight.name}, "
+                f"input={self.config.activation.name}, grad={grad}")
+
+
+def _policy_patterns(fmt: FPFormat, layers) -> dict[str, str | FPFormat]:
+    """A layer policy as an ordered map {name pattern: format}."""
+    if isinstance(layers, dict):
+        return layers
+    named = {
+        "all": {"*": fmt},
+        "attention": {"*.attn.c_attn": fmt, "*.attn.c_proj": fmt},
+        "mlp": {"*.mlp.c_fc": fmt, "*.mlp.c_proj": fmt},
+        "no_head": {"lm_head": "fp32", "*": fmt},
+    }
+    if not isinstance(layers, str) or layers not in named:
+        raise ValueError(f"unknown layers policy {layers!r} (known: {', '.join(LAYER_POLICIES)}, "
+                         f"or a map {{name-pattern: format}})")
+    return named[layers]
+
+
+def apply_policy(model: nn.Module, fmt, layers, *, grad_format=DEFAULT_GRAD_FORMAT,
+                 scaling: ScalingConfig = ScalingConfig(), saturate: bool = True,
+                 rounding: str = "nearest") -> dict[str, FPFormat]:
+    """Replace every ``nn.Linear`` of ``model`` in place by a :class:`QuantLinear` and return
+    ``{qualified layer name: weight format}`` for all of them, in module order.
+
+    ``layers`` picks the quantized ones: a name in LAYER_POLICIES, with format ``fmt`` ("all": every
+    Linear, lm_head included; "attention": attn.c_attn and attn.c_proj; "mlp": mlp.c_fc and mlp.c_proj;
+    "no_head": all but lm_head), or a map {fnmatch pattern: format spec} where the first matching
+    pattern wins (``fmt`` is then unused). Layers left out become fp32 QuantLinears, which compute
+    exactly what nn.Linear does, so every layer reports stats the same way. Gradients are rounded
+    to ``grad_format`` behind 8-bit layers and to the layer's own format behind bf16/fp16 ones.
+    The new layers share the old ones' parameters, so tied weights stay tied.
+    """
+    fmt = get_format(fmt)
+    patterns = {}
+    for pattern, spec in _policy_patterns(fmt, layers).items():
+        try:
+            patterns[pattern] = get_format(spec)
+        except ValueError as error:
+            raise ValueError(f"layers pattern {pattern!r}: {error}") from None
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    winners = {name: next((p for p in patterns if fnmatchcase(name, p)), None) for name in linears}
+    for pattern in patterns:
+        if pattern not in winners.values():
+            raise ValueError(f"layers pattern {pattern!r} matches no linear layer (or only ones an earlier "
+                             f"pattern takes); layers: {', '.join(linears)}")
+    chosen = {name: get_format("fp32") if p is None else patterns[p] for name, p in winners.items()}
+    for name, layer_fmt in chosen.items():
+        config = QuantConfig(weight=layer_fmt, grad=grad_format_for(layer_fmt, grad_format), scaling=scaling,
+                             saturate=saturate, rounding=rounding)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, QuantLinear.from_linear(getattr(parent, child), config))
+    return chosen
