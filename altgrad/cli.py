@@ -7,6 +7,9 @@ import argparse
 import math
 import sys
 
+from pathlib import Path
+
+from altgrad.config import ConfigError
 from altgrad.formats import EIGHT_BIT_NAMES, FORMATS, same_grid_up_to_scale
 
 EXIT_BAD_INPUT = 2
@@ -41,17 +44,60 @@ def _cmd_formats(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from altgrad import results
+    from altgrad.config import load_cell, parse_overrides
+    from altgrad.trainer import Trainer
+
+    cell = load_cell(args.cell, args.set)
+    name = cell.name or Path(args.cell).stem
+    root = _join(args.out, name)
+    checkpoint = Path(args.out) / name / "checkpoint.pt" if "://" not in args.out else None
+    if results.has_results(root) and not args.resume:
+        raise ConfigError(args.cell, "--out", f"{root} already holds results; pass --resume to continue "
+                                              f"that run, or choose another --out or name")
+    trainer = Trainer(cell, trial_id=name, results_root=root, checkpoint_path=checkpoint, progress=True)
+    try:
+        summary = trainer.run(resume=args.resume)
+    except Exception as error:
+        results.write_rows(root, "trials", name, [trainer.summary("error", error=repr(error))])
+        raise
+    results.write_rows(root, "trials", name, [summary])
+    print(f"{name}: {cell.format} / {cell.optimizer} / layers={summary['layers']} / seed {cell.seed}: "
+          f"{summary['status']} after {summary['steps_completed']} steps"
+          f"{' (' + summary['stop_reason'] + ')' if summary['stop_reason'] else ''}; "
+          f"train {summary['final_train_loss']:.4f}, val {summary['final_val_loss']:.4f} "
+          f"(best {summary['best_val_loss']:.4f}), {summary['wall_time_s']:.1f} s -> {root}")
+    return 0
+
+
+def _join(root: str, name: str) -> str:
+    return f"{root.rstrip('/')}/{name}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="altgrad", description="Which 8-bit float trains a transformer best?")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     verbs.add_parser("formats", help="print every format's range, precision and special values").set_defaults(
         run=_cmd_formats)
+
+    train = verbs.add_parser("train", help="train one test-matrix cell and write its result tables")
+    train.add_argument("cell", help="cell YAML (the keys of a sweep's trial:)")
+    train.add_argument("--out", default="results", help="results root: DIR/<name>/ gets the tables (default results)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a cell key (dotted for nested keys, e.g. model.n_layer=4); repeatable")
+    train.add_argument("--resume", action="store_true", help="continue from DIR/<name>/checkpoint.pt")
+    train.set_defaults(run=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except ConfigError as error:
+        print(f"altgrad {args.verb}: error: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ the results straight into Parquet rows. A value that cannot be measured is NaN, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -101,6 +102,14 @@ class FlipTracker:
         pass the ``Scaler.scale`` buffer, which the scaler updates in place. A scale change that moves
         the grid counts as flips, since the forward's values change. Tracking a name again restarts it."""
         self._tracked[name] = _Tracked(weight, get_format(fmt), scale)
+
+    def state_dict(self) -> dict[str, torch.Tensor | None]:
+        """The codes of the last measure, so a resumed run counts its first flips against them."""
+        return {name: t.codes for name, t in self._tracked.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
+        for name, codes in state.items():
+            self._tracked[name].codes = codes
 
     @property
     def nbytes(self) -> int:
@@ -278,6 +287,12 @@ class RankTrendDetector:
     def __init__(self, config: RankTrendConfig = RankTrendConfig()):
         self.config = config
         self._trends: dict[str, _Trend] = {}
+
+    def state_dict(self) -> dict[str, dict]:
+        return {layer: dataclasses.asdict(trend) for layer, trend in self._trends.items()}
+
+    def load_state_dict(self, state: dict[str, dict]) -> None:
+        self._trends = {layer: _Trend(**trend) for layer, trend in state.items()}
 
     def is_critical(self, layer: str) -> bool:
         """Whether a critical pattern matches: fnmatch globs with an implicit ``*`` at both ends, so

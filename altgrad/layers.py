@@ -167,7 +167,7 @@ class QuantLinear(nn.Linear):
         self._numel[i] += x.numel()
 
     def pop_stats(self) -> dict[str, dict[str, float]]:
-        """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale}}`` over the training calls
+        """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale, numel}}`` over the training calls
         since the last pop, for every point in POINTS; NaN where nothing was counted. Then resets."""
         rows = self._stats.tolist()  # the one host sync
         self._stats.zero_()
@@ -180,6 +180,7 @@ class QuantLinear(nn.Linear):
                 "nan_count": nans if counted else math.nan,
                 "amax": amax if counted else math.nan,
                 "scale": scale if counted else math.nan,
+                "numel": n,
             }
         self._numel = [0] * len(POINTS)
         return stats

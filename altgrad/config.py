@@ -1,0 +1,244 @@
+"""The cell: one format × optimizer × layer policy × seed, as the YAML of ``altgrad train`` and a sweep's
+``trial:`` describe it. Parsing checks every key and value up front, so a bad file fails in
+milliseconds with one line naming the file, the key and the value, before anything runs or is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from altgrad.diagnostics import RankTrendConfig
+from altgrad.formats import get_format
+from altgrad.layers import LAYER_POLICIES
+from altgrad.optim import OPTIMIZERS
+from altgrad.scaling import ScalingConfig
+
+
+class ConfigError(ValueError):
+    """Bad user input: the CLI reports it as one line and exits 2."""
+
+    def __init__(self, source: str, key: str, message: str):
+        super().__init__(f"{source}: {key}: {message}")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    n_layer: int = 2
+    n_head: int = 2
+    n_embd: int = 64
+    block_size: int = 64
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = False
+
+
+@dataclass(frozen=True)
+class DiagnosticSettings:
+    flips_every: int = 1  # steps between flip/stall measurements; 0 turns it off
+    rank_every: int = 50  # steps between rank checks (and rank-collapse warnings); 0 turns it off
+    stats: bool = True  # overflow/underflow counting at every quantization point
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """Every key a cell understands. The first block is the contract's; the rest are additions."""
+
+    format: str = "E5M2"
+    optimizer: str = "adamw"
+    layers: object = "all"  # all | attention | mlp | no_head | {name-pattern: format}
+    lr: float = 3.0e-3  # AdamW's lr, and the lr of non-quantized parameters under the other optimizers
+    steps: int = 300
+    seed: int = 0
+    batch_size: int = 16
+    model: ModelSettings = field(default_factory=ModelSettings)
+    data: str = "builtin"
+    eval_every: int = 50
+    diagnostics: DiagnosticSettings = field(default_factory=DiagnosticSettings)
+    # --- additions ---
+    name: str | None = None
+    ulp_lr: float = 0.5  # manifold_adamw / grid: the step of quantized weights, in ULPs (rungs)
+    weight_decay: float = 0.0
+    warmup_steps: int = 20  # linear lr warm-up, then cosine decay to lr / 10
+    grad_clip: float = 1.0  # global grad-norm clip; 0 turns it off
+    eval_iters: int = 8  # val batches per evaluation
+    grad_format: str | None = "E5M2"  # output-gradient format of 8-bit layers; null = not quantized
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)  # per-tensor scaling of every point
+    rank_trend: RankTrendConfig = field(default_factory=RankTrendConfig)  # rank-collapse warnings
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = at every evaluation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_NESTED = {"model": ModelSettings, "diagnostics": DiagnosticSettings, "scaling": ScalingConfig,
+           "rank_trend": RankTrendConfig}
+
+
+def _field_types(cls) -> dict[str, object]:
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(cls)}
+
+
+def _coerce(source: str, key: str, value, default):
+    """Check one value against its default's type (ints accepted for floats; null where default is None)."""
+    if default is None or key == "layers":
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(source, key, f"{value!r} is not true/false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(source, key, f"{value!r} is not an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(source, key, f"{value!r} is not a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, key, f"{value!r} is not a list of strings")
+        return tuple(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(source, key, f"{value!r} is not a string")
+    return value
+
+
+def _build(cls, raw, source: str, prefix: str = ""):
+    if not isinstance(raw, dict):
+        raise ConfigError(source, prefix.rstrip(".") or "(top level)", f"expected a mapping, got {raw!r}")
+    defaults = _field_types(cls)
+    values = {}
+    for key, value in raw.items():
+        dotted = prefix + str(key)
+        if key not in defaults:
+            raise ConfigError(source, dotted, f"unknown key (known: {', '.join(defaults)})")
+        if cls is CellConfig and key in _NESTED:
+            values[key] = _build(_NESTED[key], value, source, dotted + ".")
+        else:
+            values[key] = _coerce(source, dotted, value, defaults[key])
+    try:
+        return cls(**values)
+    except ValueError as error:  # the section's own checks (ScalingConfig, RankTrendConfig)
+        raise ConfigError(source, prefix.rstrip("."), str(error)) from None
+
+
+def _check(cell: CellConfig, source: str) -> None:
+    """Value checks that need more than a type."""
+
+    def positive(key, value):
+        if not value > 0:
+            raise ConfigError(source, key, f"{value!r} must be positive")
+
+    def non_negative(key, value):
+        if value < 0:
+            raise ConfigError(source, key, f"{value!r} must be >= 0")
+
+    def format_spec(key, spec):
+        try:
+            get_format(spec)
+        except ValueError as error:
+            raise ConfigError(source, key, str(error)) from None
+
+    format_spec("format", cell.format)
+    if cell.grad_format is not None:
+        format_spec("grad_format", cell.grad_format)
+    if cell.optimizer not in OPTIMIZERS:
+        raise ConfigError(source, "optimizer", f"unknown optimizer {cell.optimizer!r} (known: {', '.join(OPTIMIZERS)})")
+    if isinstance(cell.layers, str):
+        if cell.layers not in LAYER_POLICIES:
+            raise ConfigError(source, "layers", f"unknown layer policy {cell.layers!r} "
+                                                f"(known: {', '.join(LAYER_POLICIES)}, or a map pattern: format)")
+    elif isinstance(cell.layers, dict) and cell.layers:
+        for pattern, spec in cell.layers.items():
+            if not isinstance(spec, str):
+                raise ConfigError(source, f"layers.{pattern}", f"{spec!r} is not a format name")
+            format_spec(f"layers.{pattern}", spec)
+    else:
+        raise ConfigError(source, "layers", f"{cell.layers!r} is neither a policy name nor a map pattern: format")
+    for key in ("lr", "ulp_lr", "steps", "batch_size", "eval_every", "eval_iters"):
+        positive(key, getattr(cell, key))
+    for key in ("weight_decay", "warmup_steps", "grad_clip", "checkpoint_every", "seed"):
+        non_negative(key, getattr(cell, key))
+    for key in ("n_layer", "n_head", "n_embd", "block_size"):
+        positive(f"model.{key}", getattr(cell.model, key))
+    if cell.model.n_embd % cell.model.n_head:
+        raise ConfigError(source, "model.n_embd", f"{cell.model.n_embd} is not a multiple of n_head={cell.model.n_head}")
+    if not 0 <= cell.model.dropout < 1:
+        raise ConfigError(source, "model.dropout", f"{cell.model.dropout!r} must lie in [0, 1)")
+    for key in ("flips_every", "rank_every"):
+        non_negative(f"diagnostics.{key}", getattr(cell.diagnostics, key))
+    if cell.device != "auto" and not (cell.device == "cpu" or cell.device.startswith("cuda")):
+        raise ConfigError(source, "device", f"{cell.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def parse_cell(raw: dict, source: str = "<cell>") -> CellConfig:
+    """A validated CellConfig from a plain mapping (a YAML document, or a sweep's trial + matrix cell).
+    Format specs come back in canonical spelling ("e4m3" -> "E4M3"), as the result tables show them."""
+    cell = _build(CellConfig, raw if raw is not None else {}, source)
+    _check(cell, source)
+    canonical = {"format": get_format(cell.format).name}
+    if cell.grad_format is not None:
+        canonical["grad_format"] = get_format(cell.grad_format).name
+    if isinstance(cell.layers, dict):
+        canonical["layers"] = {pattern: get_format(spec).name for pattern, spec in cell.layers.items()}
+    return dataclasses.replace(cell, **canonical)
+
+
+def set_dotted(raw: dict, dotted: str, value) -> dict:
+    """A copy of ``raw`` with ``a.b.c = value`` (creating the nested mappings on the way)."""
+    out = copy.deepcopy(raw)
+    node = out
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        child = node.get(key)
+        node[key] = child = dict(child) if isinstance(child, dict) else {}
+        node = child
+    node[leaf] = value
+    return out
+
+
+def parse_overrides(items: list[str], source: str = "--set") -> list[tuple[str, object]]:
+    """``key=value`` strings (values parsed as YAML: 3e-3, true, [a, b]) into (dotted key, value) pairs."""
+    pairs = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(source, item, "expected key=value")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(source, key, f"value {text!r} is not valid YAML ({error.problem})") from None
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def load_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file, or a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise ConfigError(str(path), "(file)", f"cannot read it ({error.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), "(file)", f"is not valid YAML: {error}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), "(top level)", f"expected a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_cell(path: str | Path, overrides: list[str] = ()) -> CellConfig:
+    raw = load_yaml(path)
+    for key, value in parse_overrides(list(overrides)):
+        raw = set_dotted(raw, key, value)
+    return parse_cell(raw, str(path))

@@ -1,0 +1,113 @@
+"""The three result tables, as Parquet files that any node can write and pandas reads whole.
+
+Layout: ``<root>/<table>/<trial_id>.parquet`` for table in trials, steps, layers, so that
+``pandas.read_parquet("<root>/steps")`` reads every trial's rows. ``root`` is a local path, a shared
+NFS path, or an ``s3://`` / ``gs://`` URI: files go through pyarrow's filesystem layer, so remote
+workers write straight to shared storage.
+
+A trial owns its files and rewrites them whole from its complete row list at each flush. Together
+with rows restored from the trial's checkpoint, that makes a restart idempotent: no duplicate and no
+lost rows. Each write is atomic for readers: on a local or NFS path the file is written under a hidden
+name (pyarrow and pandas skip names starting with "."), then renamed; an object store only shows an
+object once its upload completes.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+TABLES = ("trials", "steps", "layers")
+
+_STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+
+# Contract columns first (CONTRACT.md section 5), then additions. Types are fixed so that every trial's
+# file has the same schema, whatever its values (an all-NaN column stays float64, a missing step int64).
+SCHEMAS = {
+    "trials": pa.schema([
+        ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("layers", _STR), ("seed", _I64),
+        ("lr", _F64), ("status", _STR), ("stop_reason", _STR), ("steps_completed", _I64),
+        ("final_train_loss", _F64), ("final_val_loss", _F64), ("best_val_loss", _F64),
+        ("first_warning_step", _I64), ("wall_time_s", _F64), ("node_id", _STR),
+        ("sweep", _STR), ("ulp_lr", _F64), ("steps_planned", _I64), ("error", _STR), ("config", _STR),
+    ]),
+    "steps": pa.schema([
+        ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("train_loss", _F64),
+        ("val_loss", _F64), ("lr", _F64), ("grad_norm", _F64), ("flips", _F64), ("updates", _F64),
+        ("stall_ratio", _F64), ("overflow_frac", _F64), ("underflow_frac", _F64), ("tokens_per_s", _F64),
+        ("overflow_frac_weight", _F64), ("overflow_frac_input", _F64), ("overflow_frac_grad", _F64),
+        ("underflow_frac_weight", _F64), ("underflow_frac_input", _F64), ("underflow_frac_grad", _F64),
+        ("nan_count", _F64), ("rank_warnings", _I64),
+    ]),
+    "layers": pa.schema([
+        ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("layer", _STR),
+        ("stable_rank", _F64), ("effective_rank", _F64), ("spectral_norm", _F64), ("flip_rate", _F64),
+        ("stall_ratio", _F64), ("rank_warning", _BOOL), ("layer_format", _STR), ("critical", _BOOL),
+        ("subspace_angle_deg", _F64), ("grad_topk_share", _F64), ("weight_scale", _F64),
+        ("overflow_frac", _F64), ("underflow_frac", _F64),
+    ]),
+}
+
+
+def _filesystem(root: str) -> tuple[pafs.FileSystem, str]:
+    if "://" in root:
+        return pafs.FileSystem.from_uri(root)
+    return pafs.LocalFileSystem(), str(Path(root).resolve())
+
+
+def to_table(table: str, rows: list[dict]) -> pa.Table:
+    """Rows (dicts) as a table of ``table``'s schema; absent keys are null."""
+    schema = SCHEMAS[table]
+    columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def write_rows(root: str, table: str, trial_id: str, rows: list[dict]) -> None:
+    """Atomically replace ``<root>/<table>/<trial_id>.parquet`` with ``rows``."""
+    fs, base = _filesystem(root)
+    directory = f"{base}/{table}"
+    fs.create_dir(directory, recursive=True)
+    final = f"{directory}/{trial_id}.parquet"
+    data = to_table(table, rows)
+    if isinstance(fs, pafs.LocalFileSystem):
+        hidden = f"{directory}/.{trial_id}.{uuid.uuid4().hex}.tmp"
+        pq.write_table(data, hidden, filesystem=fs)
+        os.replace(hidden, final)  # atomic on POSIX and on NFS
+    else:
+        pq.write_table(data, final, filesystem=fs)  # an object appears only once its upload completes
+
+
+def read_rows(root: str, table: str, trial_id: str) -> list[dict]:
+    """The rows a trial wrote, or [] when it has written none."""
+    fs, base = _filesystem(root)
+    path = f"{base}/{table}/{trial_id}.parquet"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return []
+    return pq.read_table(path, filesystem=fs).to_pylist()
+
+
+def has_results(root: str) -> bool:
+    """Whether any table under ``root`` holds a trial's file."""
+    fs, base = _filesystem(root)
+    for table in TABLES:
+        info = fs.get_file_info(pafs.FileSelector(f"{base}/{table}", allow_not_found=True))
+        if any(i.base_name.endswith(".parquet") and not i.base_name.startswith(".") for i in info):
+            return True
+    return False
+
+
+def read_table(root: str, table: str):
+    """One table of every trial as a pandas DataFrame, with the schema's columns even when empty."""
+    fs, base = _filesystem(root)
+    selector = pafs.FileSelector(f"{base}/{table}", allow_not_found=True)
+    files = sorted(i.path for i in fs.get_file_info(selector)
+                   if i.base_name.endswith(".parquet") and not i.base_name.startswith("."))
+    if not files:
+        return to_table(table, []).to_pandas()
+    parts = [pq.read_table(path, filesystem=fs, schema=SCHEMAS[table]) for path in files]
+    return pa.concat_tables(parts).to_pandas()

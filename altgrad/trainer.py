@@ -1,0 +1,336 @@
+"""One test-matrix cell, end to end: the instrumented FP8 training loop.
+
+A :class:`Trainer` builds the model for a :class:`~altgrad.config.CellConfig` (format × optimizer ×
+layer policy × seed), trains it, and records three kinds of rows (section 5 of CONTRACT.md):
+
+* ``steps``, every step: losses, lr, grad norm, flips/updates/stall ratio, overflow/underflow, tokens/s;
+* ``layers``, every ``rank_every`` steps: per-layer rank metrics, flip rate, stall ratio, warnings;
+* one ``trials`` summary, returned by :meth:`Trainer.run` (the caller writes it: the CLI for one cell,
+  the sweep driver for a sweep, since only it knows when Ray stopped a trial).
+
+Every ``eval_every`` steps it evaluates on fixed validation batches, checkpoints, flushes its rows,
+and calls ``report(metrics, checkpoint_path)``: the one callback through which the sweep hands the same
+metrics to Ray Tune. A checkpoint holds everything, rows included, so a resumed run continues bit for
+bit and rewrites its row files without duplicates or gaps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from altgrad import results
+from altgrad.config import CellConfig
+from altgrad.data import get_batch, load_data
+from altgrad.diagnostics import FlipTracker, RankTrendDetector, critical_layer_metrics, rank_metrics, stall_ratio
+from altgrad.layers import POINTS, QuantLinear, apply_policy
+from altgrad.model import GPT, GPTConfig
+from altgrad.optim import build_optimizer
+
+Report = Callable[[dict, "Path | None"], None]
+NAN = math.nan
+
+
+def resolve_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(spec)
+
+
+def lr_factor(step: int, cell: CellConfig) -> float:
+    """Linear warm-up to 1 over ``warmup_steps``, then cosine decay to 0.1 at the last step."""
+    if step < cell.warmup_steps:
+        return (step + 1) / cell.warmup_steps
+    progress = (step - cell.warmup_steps) / max(1, cell.steps - cell.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def node_id() -> str:
+    """Ray's node id inside a Ray worker, else this machine's host name."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:  # Ray absent or not running here: the host name identifies the node
+        pass
+    return socket.gethostname()
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return sum(finite) / len(finite) if finite else NAN
+
+
+class _Interval:
+    """Per-layer sums between two diagnostic steps (flips, updates, overflow/underflow counts)."""
+
+    def __init__(self, layers):
+        self.sums = {name: dict.fromkeys(("flips", "updates", "flip_steps", "over", "under", "numel"), 0.0)
+                     for name in layers}
+
+    def add(self, name: str, **values: float) -> None:
+        for key, value in values.items():
+            if value == value:  # NaN (the first flip count) adds nothing
+                self.sums[name][key] += value
+
+    def layer_summary(self, name: str, numel: int) -> dict:
+        s = self.sums[name]
+        return {
+            "flip_rate": s["flips"] / (s["flip_steps"] * numel) if s["flip_steps"] else NAN,
+            "stall_ratio": stall_ratio(s["flips"], s["updates"]) if s["flip_steps"] else NAN,
+            "overflow_frac": s["over"] / s["numel"] if s["numel"] else NAN,
+            "underflow_frac": s["under"] / s["numel"] if s["numel"] else NAN,
+        }
+
+
+class Trainer:
+    """Trains one cell. Build it, then :meth:`run`; :meth:`run` resumes from ``checkpoint_path`` if
+    ``resume`` and the file exists."""
+
+    def __init__(self, cell: CellConfig, *, trial_id: str, results_root: str | None = None,
+                 checkpoint_path: str | Path | None = None, progress: bool = True, sweep: str | None = None):
+        self.cell, self.trial_id, self.results_root, self.sweep = cell, trial_id, results_root, sweep
+        self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+        self.progress = progress
+        self.device = resolve_device(cell.device)
+        torch.manual_seed(cell.seed)
+        self.data = load_data(cell.data)
+        model_config = GPTConfig(vocab_size=self.data.vocab_size, **dataclasses.asdict(cell.model))
+        self.model = GPT(model_config)
+        self.formats = apply_policy(self.model, cell.format, cell.layers, grad_format=cell.grad_format,
+                                    scaling=cell.scaling)
+        self.model.to(self.device)
+        self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, QuantLinear)}
+        for layer in self.layers.values():
+            layer.stats_enabled = cell.diagnostics.stats
+        self.optimizer = build_optimizer(cell.optimizer, self._param_groups(), lr=cell.lr, ulp_lr=cell.ulp_lr,
+                                         weight_decay=cell.weight_decay, seed=cell.seed)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cell))
+        self.batches = torch.Generator().manual_seed(cell.seed)
+        self.flips = FlipTracker()
+        for name, layer in self.layers.items():
+            self.flips.track(name, layer.weight, layer.weight_format, layer.weight_scale)
+        self.detector = RankTrendDetector(cell.rank_trend)
+        self.critical = [name for name in self.layers if self.detector.is_critical(name)]
+        self.bases: dict[str, torch.Tensor | None] = {}
+        self.interval = _Interval(self.layers)
+        self.rows: dict[str, list[dict]] = {"steps": [], "layers": []}
+        self.step = 0
+        self.state = {"best_val_loss": NAN, "first_warning_step": None, "wall_time_s": 0.0,
+                      "rank_warnings": 0, "stop_reason": None}
+
+    # ---- construction --------------------------------------------------------------------------
+    def _param_groups(self) -> list[dict]:
+        """One group per quantized weight (its format and live scale: ULP optimizers need them), one
+        for everything else. A tied lm_head/wte matrix is one parameter and goes in once."""
+        groups, seen = [], set()
+        for layer in self.layers.values():
+            if not layer.weight_format.is_native and id(layer.weight) not in seen:
+                groups.append({"params": [layer.weight], "fmt": layer.weight_format, "scale": layer.weight_scale})
+                seen.add(id(layer.weight))
+        rest = [p for p in self.model.parameters() if id(p) not in seen]
+        return groups + [{"params": rest, "fmt": None, "scale": None}]
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def run(self, report: Report | None = None, resume: bool = False) -> dict:
+        """Train to ``cell.steps`` (or until the loss diverges); return the trial's summary row."""
+        if resume and self.checkpoint_path and self.checkpoint_path.exists():
+            self._load_checkpoint()
+        cell = self.cell
+        bar = tqdm(total=cell.steps, initial=self.step, disable=not self.progress, unit="step",
+                   desc=self.trial_id, dynamic_ncols=True)
+        started = time.perf_counter() - self.state["wall_time_s"]
+        while self.step < cell.steps and self.state["stop_reason"] is None:
+            row = self._train_step()
+            self.state["wall_time_s"] = time.perf_counter() - started
+            if not math.isfinite(row["train_loss"]):
+                self.state["stop_reason"] = "diverged"
+            if self.step % cell.eval_every == 0 or self.step == cell.steps or self.state["stop_reason"]:
+                self._evaluate_and_report(report)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{self.state['best_val_loss']:.3f}",
+                            tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+        bar.close()
+        return self.summary(status="stopped" if self.state["stop_reason"] else "completed")
+
+    def _train_step(self) -> dict:
+        cell, started = self.cell, time.perf_counter()
+        self.model.train()
+        x, y = get_batch(self.data.train, cell.batch_size, cell.model.block_size, self.batches)
+        _, loss = self.model(x.to(self.device), y.to(self.device))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cell.grad_clip or math.inf)
+        lr = self.scheduler.get_last_lr()[-1]  # the plain group: cell.lr times the schedule
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        row = {"trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer, "step": self.step,
+               "train_loss": loss.item(), "val_loss": NAN, "lr": lr, "grad_norm": grad_norm.item(),
+               "rank_warnings": None}
+        row.update(self._flip_columns())
+        row.update(self._stat_columns())
+        if cell.diagnostics.rank_every and self.step % cell.diagnostics.rank_every == 0:
+            row["rank_warnings"] = self._diagnose_layers()
+        self.optimizer.zero_grad(set_to_none=True)
+        row["tokens_per_s"] = cell.batch_size * cell.model.block_size / (time.perf_counter() - started)
+        self.rows["steps"].append(row)
+        return row
+
+    def _flip_columns(self) -> dict:
+        every = self.cell.diagnostics.flips_every
+        if not every or self.step % every:
+            return {"flips": NAN, "updates": NAN, "stall_ratio": NAN}
+        counts = self.flips.measure()
+        for name, (flips, updates) in counts.items():
+            self.interval.add(name, flips=flips, updates=updates, flip_steps=float(flips == flips))
+        flips = sum(c.flips for c in counts.values())
+        updates = sum(c.updates for c in counts.values())
+        return {"flips": flips, "updates": updates, "stall_ratio": stall_ratio(flips, updates)}
+
+    def _stat_columns(self) -> dict:
+        """Overflow/underflow fractions over every quantized point of every layer (and per point kind)."""
+        if not self.cell.diagnostics.stats:
+            return {}
+        totals = {point: [0.0, 0.0, 0.0] for point in POINTS}  # overflow, underflow, numel
+        nans = 0.0
+        for name, layer in self.layers.items():
+            for point, s in layer.pop_stats().items():
+                if s["numel"]:
+                    over, under = s["overflow_frac"] * s["numel"], s["underflow_frac"] * s["numel"]
+                    totals[point] = [totals[point][0] + over, totals[point][1] + under, totals[point][2] + s["numel"]]
+                    self.interval.add(name, over=over, under=under, numel=s["numel"])
+                    nans += s["nan_count"]
+        over, under, numel = (sum(t[i] for t in totals.values()) for i in range(3))
+        columns = {"overflow_frac": over / numel if numel else NAN, "underflow_frac": under / numel if numel else NAN,
+                   "nan_count": nans}
+        for point, (o, u, n) in totals.items():
+            columns[f"overflow_frac_{point}"] = o / n if n else NAN
+            columns[f"underflow_frac_{point}"] = u / n if n else NAN
+        return columns
+
+    @torch.no_grad()
+    def _diagnose_layers(self) -> int:
+        """Rank metrics of every layer's weight as the forward sees it, warnings, and the clobbering
+        signals of critical layers (one SVD each). Returns how many critical layers warn now."""
+        warnings = 0
+        for name, layer in self.layers.items():
+            weight = layer.quantized_weight()
+            if name in self.critical:
+                metrics, self.bases[name] = critical_layer_metrics(weight, grad=layer.weight.grad,
+                                                                   previous_basis=self.bases.get(name))
+            else:
+                metrics = rank_metrics(weight)
+            warning = self.detector.update(name, self.step, metrics[self.cell.rank_trend.metric])
+            critical = name in self.critical
+            warnings += int(warning and critical)
+            self.rows["layers"].append({
+                "trial_id": self.trial_id, "format": self.cell.format, "optimizer": self.cell.optimizer,
+                "step": self.step, "layer": name, **metrics, "rank_warning": warning, "critical": critical,
+                "layer_format": layer.weight_format.name, "weight_scale": layer.weight_scale.item(),
+                **self.interval.layer_summary(name, layer.weight.numel()),
+            })
+        self.interval = _Interval(self.layers)
+        self.state["rank_warnings"] = warnings
+        if warnings and self.state["first_warning_step"] is None:
+            self.state["first_warning_step"] = self.step
+        return warnings
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_iters`` fixed validation batches, through the same quantized forward."""
+        self.model.eval()
+        batches = torch.Generator().manual_seed(self.cell.seed + 1)  # the same batches at every evaluation
+        losses = []
+        for _ in range(self.cell.eval_iters):
+            x, y = get_batch(self.data.val, self.cell.batch_size, self.cell.model.block_size, batches)
+            losses.append(self.model(x.to(self.device), y.to(self.device))[1].item())
+        return sum(losses) / len(losses)
+
+    def _evaluate_and_report(self, report: Report | None) -> None:
+        row = self.rows["steps"][-1]
+        row["val_loss"] = self.evaluate()
+        if row["val_loss"] == row["val_loss"]:
+            self.state["best_val_loss"] = min(row["val_loss"], self.state["best_val_loss"]) \
+                if self.state["best_val_loss"] == self.state["best_val_loss"] else row["val_loss"]
+        checkpoint = None
+        every = self.cell.checkpoint_every
+        if self.checkpoint_path and (not every or self.step % every == 0 or self.step == self.cell.steps):
+            checkpoint = self._save_checkpoint()
+        self.flush()
+        if report:
+            report(self.metrics(), checkpoint)
+
+    def metrics(self) -> dict:
+        """What each report carries (and what the sweep's scheduler reads)."""
+        recent = self.rows["steps"][-self.cell.eval_every:]
+        last = self.rows["steps"][-1]
+        return {
+            "step": self.step, "train_loss": _mean([r["train_loss"] for r in recent]) if all(
+                math.isfinite(r["train_loss"]) for r in recent) else NAN,
+            "val_loss": last["val_loss"], "best_val_loss": self.state["best_val_loss"],
+            "rank_warnings": self.state["rank_warnings"], "first_warning_step": self.state["first_warning_step"],
+            "stall_ratio": _mean([r["stall_ratio"] for r in recent]),
+            "overflow_frac": _mean([r.get("overflow_frac", NAN) for r in recent]),
+            "tokens_per_s": _mean([r["tokens_per_s"] for r in recent]),
+            "stop_reason": self.state["stop_reason"],
+        }
+
+    def summary(self, status: str, error: str | None = None) -> dict:
+        """The trial's row of the ``trials`` table."""
+        cell, steps = self.cell, self.rows["steps"]
+        last_val = next((r["val_loss"] for r in reversed(steps) if r["val_loss"] == r["val_loss"]), NAN)
+        return {
+            "trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer,
+            "layers": cell.layers if isinstance(cell.layers, str) else json.dumps(cell.layers, sort_keys=True),
+            "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "status": status,
+            "stop_reason": self.state["stop_reason"] or ("error" if status == "error" else None),
+            "steps_completed": self.step, "steps_planned": cell.steps,
+            "final_train_loss": steps[-1]["train_loss"] if steps else NAN, "final_val_loss": last_val,
+            "best_val_loss": self.state["best_val_loss"], "first_warning_step": self.state["first_warning_step"],
+            "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "sweep": self.sweep, "error": error,
+            "config": json.dumps(cell.to_dict(), sort_keys=True, default=list),
+        }
+
+    # ---- persistence ---------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Rewrite this trial's step and layer files from the complete row lists."""
+        if self.results_root:
+            for table, rows in self.rows.items():
+                results.write_rows(self.results_root, table, self.trial_id, rows)
+
+    def _save_checkpoint(self) -> Path:
+        state = {
+            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "batches": self.batches.get_state(),
+            "torch_rng": torch.get_rng_state(), "flips": self.flips.state_dict(),
+            "detector": self.detector.state_dict(), "bases": self.bases, "interval": self.interval.sums,
+            "rows": self.rows, "state": self.state,
+        }
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.checkpoint_path.with_name(f".{self.checkpoint_path.name}.tmp")
+        torch.save(state, partial)
+        os.replace(partial, self.checkpoint_path)
+        return self.checkpoint_path
+
+    def _load_checkpoint(self) -> None:
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.set_state(state["batches"])
+        torch.set_rng_state(state["torch_rng"])
+        self.flips.load_state_dict(state["flips"])
+        self.detector.load_state_dict(state["detector"])
+        self.bases, self.interval.sums = state["bases"], state["interval"]
+        self.rows, self.state = state["rows"], state["state"]
