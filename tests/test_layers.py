@@ -102,7 +102,8 @@ def test_stats_count_overflow_underflow_and_nan():
     assert stats["weight"]["overflow_frac"] == 0 and stats["weight"]["scale"] == 1
     assert stats["grad"]["overflow_frac"] == 0 and stats["grad"]["amax"] == 1  # d(sum)/dy is all ones
     after = layer.pop_stats()  # popping resets: nothing counted since
-    assert all(math.isnan(value) for point in after.values() for value in point.values())
+    assert all(math.isnan(v) for point in after.values() for k, v in point.items() if k != "numel")
+    assert all(point["numel"] == 0 for point in after.values())
 
 
 def test_delayed_scaling_overflows_when_the_range_jumps():
