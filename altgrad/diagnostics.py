@@ -32,7 +32,7 @@ CLOBBER_KEYS = ("subspace_angle_deg", "grad_topk_share")
 # ---- flips ----------------------------------------------------------------------------------------
 
 _NATIVE_CODES = {16: torch.int16, 32: torch.int32}  # bf16/fp16, fp32: the cast's bits, viewed as integers
-_NEGATIVE_ZERO = {torch.uint8: 0x80, torch.int16: -(1 << 15), torch.int32: -(1 << 31)}
+_NEGATIVE_ZERO = {torch.int16: -(1 << 15), torch.int32: -(1 << 31)}
 
 
 def forward_codes(weight: torch.Tensor, fmt, scale=None) -> torch.Tensor:
@@ -49,15 +49,13 @@ def forward_codes(weight: torch.Tensor, fmt, scale=None) -> torch.Tensor:
     diverged model never raises here (its loss reports the divergence).
     """
     fmt = get_format(fmt)
-    x = weight.detach().float()
-    if scale is not None:
-        x = x * scale
-    x = x.clamp(-fmt.max_value, fmt.max_value)  # a new tensor: the codes never alias the weight
     if fmt.is_native:
+        x = weight.detach().float()
+        x = (x if scale is None else x * scale).clamp(-fmt.max_value, fmt.max_value)  # a copy, never aliasing
         codes = x.to(fmt.torch_dtype).view(_NATIVE_CODES[fmt.bits])
-    else:
-        codes = encode(x if fmt.has_nan else torch.nan_to_num(x, nan=0.0), fmt)
-    return codes.masked_fill_(codes == _NEGATIVE_ZERO[codes.dtype], 0)
+        return codes.masked_fill_(codes == _NEGATIVE_ZERO[codes.dtype], 0)
+    # One fused pass; NaN in a format without NaN takes zero's code.
+    return encode(weight.detach(), fmt, scale=scale, saturate=True, nan_code=0, signed_zero=False)
 
 
 class FlipCount(NamedTuple):

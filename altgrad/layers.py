@@ -146,8 +146,8 @@ class QuantLinear(nn.Linear):
             return self._quantize_frozen(point, x)
         scaler = self.scalers[point]
         q = scaler.quantize(x, saturate=self.config.saturate, rounding=self.config.rounding)
-        if self.stats_enabled and scaler.last_amax is not None:  # fp32 points cannot overflow: not counted
-            self._count(point, x, q, scaler.last_amax, scaler.last_scale)
+        if self.stats_enabled and scaler.last_stats is not None:  # fp32 points cannot overflow: not counted
+            self._count(point, x.numel(), scaler.last_stats, scaler.last_scale)
         return q
 
     def _quantize_frozen(self, point: str, x: torch.Tensor) -> torch.Tensor:
@@ -156,15 +156,13 @@ class QuantLinear(nn.Linear):
         return quantize(x, scaler.fmt, scale=scale, saturate=self.config.saturate, rounding=self.config.rounding)
 
     @torch.no_grad()
-    def _count(self, point: str, x: torch.Tensor, q: torch.Tensor, amax: torch.Tensor, scale) -> None:
-        """Add this tensor's counts to the point's row, on the device (no host sync)."""
+    def _count(self, point: str, numel: int, stats: torch.Tensor, scale: torch.Tensor | None) -> None:
+        """Add one call's counts (from the quantizing pass itself) to the point's row, on the device."""
         i = POINTS.index(point)
-        scale = torch.ones((), device=x.device) if scale is None else scale
-        overflow = (x.abs() * scale > self.scalers[point].fmt.max_value).sum()  # before saturation
-        underflow = ((x != 0) & (q == 0)).sum()
-        self._stats[i, :3] += torch.stack([overflow, underflow, q.isnan().sum()])
-        self._stats[i, 3:] = torch.stack([amax, scale.float()])
-        self._numel[i] += x.numel()
+        self._stats[i, :3] += stats[1:]
+        self._stats[i, 3] = stats[0]
+        self._stats[i, 4] = 1.0 if scale is None else scale
+        self._numel[i] += numel
 
     def pop_stats(self) -> dict[str, dict[str, float]]:
         """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale, numel}}`` over the training calls

@@ -65,15 +65,13 @@ def _ulp_exponent(work, exp_lo, exp_hi, man_bits):
     return torch.clamp((work.view(int_dtype) >> mant) & (2 * fbias + 1), exp_lo, exp_hi) - man_bits
 
 
-def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, max_value, overflow_value,
-                     finite_overflow_value):
-    """Q(x * scale) in the compute dtype. ``noise`` (uniform [0, 1), or None for nearest-even)."""
+def _rungs(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset):
+    """``x * scale`` in the compute dtype, the biased exponent of its grid spacing, and the rounded
+    (signed, integral) number of spacings: the value is ``rungs * 2**ulp_exponent``."""
     work = x.to(_compute_dtype(x.dtype)) * scale
     _, mant, fbias = _LAYOUT[work.dtype]
     ulp_exponent = _ulp_exponent(work, exp_lo, exp_hi, man_bits)
-    ulp = (ulp_exponent << mant).view(work.dtype)
-    inv_ulp = ((2 * fbias - ulp_exponent) << mant).view(work.dtype)
-    rungs = work * inv_ulp  # exact: a power-of-two multiply
+    rungs = work * ((2 * fbias - ulp_exponent) << mant).view(work.dtype)  # exact: times 2**-ulp_exponent
     if noise is None:
         rounded = torch.round(rungs)  # half to even: the even significand is the even code ...
         # ... except with no mantissa bits (E7M0), where every normal significand is 1 and the tie
@@ -85,7 +83,14 @@ def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, ma
         magnitude = rungs.abs()
         floor = magnitude.floor()
         rungs = torch.copysign(floor + (noise < magnitude - floor).to(work.dtype), rungs)
-    out = rungs * ulp
+    return work, ulp_exponent, rungs
+
+
+def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, max_value, overflow_value,
+                     finite_overflow_value):
+    """Q(x * scale) in the compute dtype. ``noise`` (uniform [0, 1), or None for nearest-even)."""
+    work, ulp_exponent, rungs = _rungs(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset)
+    out = rungs * (ulp_exponent << _LAYOUT[work.dtype][1]).view(work.dtype)
     overflow = torch.where(torch.isinf(work), overflow_value, finite_overflow_value)
     return torch.where(out.abs() > max_value, torch.copysign(overflow, work), out)
 
@@ -94,19 +99,20 @@ def _quantize_kernel(x, scale, noise, **params):
     return (_round_to_format(x, scale, noise, **params) / scale).to(x.dtype)
 
 
-def _encode_kernel(x, scale, exp_bits, bias, inv_min_subnormal, **params):
-    """uint8 codes of Q(x * scale); the format's integers come as 0-d int32 tensors, like ``params``."""
-    value = _round_to_format(x, scale, None, **params).float()
-    bits = value.view(torch.int32)
-    man_bits = params["man_bits"].to(torch.int32)
-    magnitude_bits = bits & 0x7FFFFFFF
-    field = (magnitude_bits >> 23) - 127 + bias
-    normal_code = (field << man_bits) | ((magnitude_bits >> (23 - man_bits)) & ((1 << man_bits) - 1))
-    subnormal_code = (value.abs() * inv_min_subnormal).to(torch.int32)
-    code = torch.where(field > 0, normal_code, subnormal_code)
-    code = torch.where(torch.isinf(value), ((1 << exp_bits) - 1) << man_bits, code)
-    code = torch.where(torch.isnan(value), (1 << (exp_bits + man_bits)) - 1, code)
-    return (code | ((bits < 0).to(torch.int32) << 7)).to(torch.uint8)
+def _encode_kernel(x, scale, exp_lo, exp_hi, man_bits, field_offset, max_code, overflow_code, inf_code,
+                   nan_code, signed_zero: bool):
+    """uint8 codes of Q(x * scale). Codes count rungs: a magnitude's code is its rung count within
+    its binade plus 2**M per binade above the lowest, so no float-to-bits decoding is needed."""
+    work, ulp_exponent, rungs = _rungs(x, scale, None, exp_lo, exp_hi, man_bits, field_offset)
+    binades_up = ulp_exponent - (exp_lo - man_bits)
+    magnitude = (binades_up << man_bits).to(work.dtype) + rungs.abs()
+    code = torch.where(magnitude > max_code, overflow_code, magnitude.clamp(max=max_code).to(torch.int32))
+    code = torch.where(torch.isinf(work), inf_code, code)
+    code = torch.where(torch.isnan(work), nan_code, code)
+    negative = work.view(_LAYOUT[work.dtype][0]) < 0  # the sign bit, so -0.0 too
+    if not signed_zero:
+        negative = negative & (code != 0)
+    return (code | (negative.to(torch.int32) << 7)).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,26 +168,31 @@ def quantize(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", sat
     otherwise overflow follows the format (ieee ±inf, fn NaN, finite ±max). NaN stays NaN, and ±inf
     stays ±inf where the format has inf. fp32/bf16/fp16 use torch's own casts.
     """
-    fmt = get_format(fmt)
-    _check_input(x, "quantize")
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
-    with torch.no_grad():
-        if fmt.is_native:
-            if rounding != "nearest":
-                raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, a native torch cast")
-            if fmt.torch_dtype == x.dtype:  # rounding a dtype to itself: the identity (the fp32 baseline)
-                return x
-            max_value = torch.tensor(fmt.max_value, dtype=_compute_dtype(x.dtype), device=x.device)
-            quantized = _run(_native_kernel, x, _scale_tensor(scale, x), max_value, dtype=fmt.torch_dtype,
-                             saturate=saturate)
-        else:
-            noise = None
-            if rounding == "stochastic":
-                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=_compute_dtype(x.dtype))
-            quantized = _run(_quantize_kernel, x, _scale_tensor(scale, x), noise,
-                             **_format_params_on(fmt, saturate, x))
-    return _StraightThrough.apply(x, quantized) if x.requires_grad and torch.is_grad_enabled() else quantized
+    return _quantize(x, fmt, scale, rounding, saturate, generator, with_stats=False)
+
+
+def quantize_with_stats(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", saturate: bool = False,
+                        generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize`, plus what training diagnostics count, from the same fused pass over ``x``:
+    a float32 tensor ``[amax(|x|), overflow, underflow, nan]`` where overflow counts ``|x * scale| >
+    max`` (before saturation), underflow counts non-zero x rounded to zero, and nan counts NaN results.
+    It stays on x's device: reading it is the caller's one host sync."""
+    return _quantize(x, fmt, scale, rounding, saturate, generator, with_stats=True)
+
+
+def _stats(x, quantized, scale, max_value):
+    magnitude = x.to(scale.dtype).abs()
+    return torch.stack([
+        magnitude.amax(),
+        (magnitude * scale > max_value).sum(),
+        ((x != 0) & (quantized == 0)).sum(),
+        quantized.isnan().sum(),
+    ]).float()
+
+
+def _quantize_stats_kernel(x, scale, noise, **params):
+    quantized = _quantize_kernel(x, scale, noise, **params)
+    return quantized, _stats(x, quantized, scale, params["max_value"])
 
 
 def _native_kernel(x, scale, max_value, dtype: torch.dtype, saturate: bool):
@@ -189,6 +200,38 @@ def _native_kernel(x, scale, max_value, dtype: torch.dtype, saturate: bool):
     if saturate:  # clamp finite overflow; ±inf stays ±inf
         work = torch.where(torch.isinf(work), work, work.clamp(-max_value, max_value))
     return (work.to(dtype).to(x.dtype) / scale).to(x.dtype)
+
+
+def _native_stats_kernel(x, scale, max_value, dtype: torch.dtype, saturate: bool):
+    quantized = _native_kernel(x, scale, max_value, dtype, saturate)
+    return quantized, _stats(x, quantized, scale, max_value)
+
+
+def _quantize(x, fmt, scale, rounding, saturate, generator, with_stats: bool):
+    fmt = get_format(fmt)
+    _check_input(x, "quantize")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    scale_tensor = _scale_tensor(scale, x)
+    with torch.no_grad():
+        if fmt.is_native:
+            if rounding != "nearest":
+                raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, a native torch cast")
+            max_value = torch.tensor(fmt.max_value, dtype=scale_tensor.dtype, device=x.device)
+            if fmt.torch_dtype == x.dtype and not with_stats:  # a dtype rounded to itself: the identity
+                return x
+            kernel = _native_stats_kernel if with_stats else _native_kernel
+            out = _run(kernel, x, scale_tensor, max_value, dtype=fmt.torch_dtype, saturate=saturate)
+        else:
+            noise = None
+            if rounding == "stochastic":
+                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=scale_tensor.dtype)
+            kernel = _quantize_stats_kernel if with_stats else _quantize_kernel
+            out = _run(kernel, x, scale_tensor, noise, **_format_params_on(fmt, saturate, x))
+    quantized, stats = out if with_stats else (out, None)
+    if x.requires_grad and torch.is_grad_enabled():
+        quantized = _StraightThrough.apply(x, quantized)
+    return (quantized, stats) if with_stats else quantized
 
 
 def ulp(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
@@ -206,21 +249,40 @@ def ulp(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
     return (exponent << mant).view(work.dtype) / work_scale
 
 
-def encode(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _code_params(fmt: FPFormat, saturate: bool, nan_code: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The format's code layout as 0-d tensors: the highest finite magnitude code, and the codes that
+    overflow, ±inf and NaN take under the format's rules (or ``saturate``)."""
+    params = _format_params(fmt, saturate, torch.float32, device)
+    as_int = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    max_code = fmt._num_finite_magnitudes - 1
+    inf_code = {"ieee": ((1 << fmt.exp_bits) - 1) << fmt.man_bits, "fn": 0x7F, "finite": max_code}[fmt.special]
+    return {**{k: params[k] for k in ("exp_lo", "exp_hi", "man_bits", "field_offset")},
+            "max_code": as_int(max_code), "overflow_code": as_int(max_code if saturate else inf_code),
+            "inf_code": as_int(inf_code), "nan_code": as_int(nan_code)}
+
+
+def encode(x: torch.Tensor, fmt, *, scale=None, saturate: bool = False, nan_code: int | None = None,
+           signed_zero: bool = True) -> torch.Tensor:
     """The format's uint8 bit codes of ``x * scale`` (bit 7 sign, then exponent, then mantissa), rounded
-    to nearest-even with the format's overflow rule. Formats without NaN raise on NaN input."""
+    to nearest-even with the format's overflow rule (or clamped to ±max with ``saturate``).
+
+    NaN gets the all-ones code with x's sign bit. A format without NaN raises on NaN input unless
+    ``nan_code`` (a magnitude code, 0..127) says which code stands for it; then no check pass runs.
+    ``signed_zero=False`` gives -0 the code of +0 (for comparing codes by the value they stand for)."""
     fmt = get_format(fmt)
     _check_input(x, "encode")
     if fmt.bits != 8:
         raise ValueError(f"encode gives 8-bit codes; {fmt.name} is a {fmt.bits}-bit format")
-    if not fmt.has_nan and torch.isnan(x).any():
-        raise ValueError(f"{fmt.name} has no NaN code, and the input holds NaN")
-    layout = {"exp_bits": fmt.exp_bits, "bias": fmt.bias}
-    layout = {k: torch.tensor(v, dtype=torch.int32, device=x.device) for k, v in layout.items()}
-    inv_min_subnormal = torch.tensor(1 / fmt.min_subnormal, dtype=torch.float32, device=x.device)
+    if fmt.has_nan:
+        nan_code = 0x7F
+    elif nan_code is None:
+        if torch.isnan(x).any():
+            raise ValueError(f"{fmt.name} has no NaN code, and the input holds NaN (pass nan_code to choose one)")
+        nan_code = 0x7F
     with torch.no_grad():
-        return _run(_encode_kernel, x, _scale_tensor(scale, x), inv_min_subnormal=inv_min_subnormal,
-                    **layout, **_format_params_on(fmt, False, x))
+        return _run(_encode_kernel, x, _scale_tensor(scale, x), signed_zero=signed_zero,
+                    **_code_params(fmt, saturate, nan_code, x.device))
 
 
 def decode(codes: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:

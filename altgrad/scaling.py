@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from altgrad.formats import FPFormat, get_format
-from altgrad.quantize import quantize
+from altgrad.quantize import quantize, quantize_with_stats
 
 RECIPES = ("delayed", "current", "none")
 AMAX_ALGOS = ("max", "most_recent")
@@ -70,6 +70,8 @@ class Scaler(torch.nn.Module):
         self.register_buffer("amax_history", torch.zeros(config.history_len))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("observed", torch.zeros((), dtype=torch.bool))
+        self._history_seen = False
+        self.last_scale = self.last_stats = None
 
     def next_scale(self, amax: torch.Tensor) -> torch.Tensor | None:
         """The scale :meth:`quantize` would use now for a tensor with this amax (None: unscaled).
@@ -82,18 +84,36 @@ class Scaler(torch.nn.Module):
         return torch.where(self.observed, self.scale, fresh)  # delayed; own amax on the very first call
 
     def quantize(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Quantize ``x`` with this point's scale, then record its amax for later calls.
-        ``last_amax`` and ``last_scale`` keep what this call saw and used (for statistics)."""
-        amax = x.detach().abs().amax().float() if self.fmt.name != "fp32" else None
-        scale = self.next_scale(amax)
-        if scale is not None:
-            with torch.no_grad():
-                if self.config.recipe == "delayed":
-                    self._record(amax)
-                else:
-                    self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
-        self.last_amax, self.last_scale = amax, scale
-        return quantize(x, self.fmt, scale=scale, **kwargs)
+        """Quantize ``x`` with this point's scale, then record its amax for later calls. Under delayed
+        scaling the amax comes from the quantizing pass itself, so the tensor is read once.
+        ``last_scale`` and ``last_stats`` keep what this call used and counted (``[amax, overflow,
+        underflow, nan]``, see :func:`~altgrad.quantize.quantize_with_stats`); None for fp32."""
+        if self.fmt.name == "fp32":
+            self.last_scale = self.last_stats = None
+            return quantize(x, self.fmt, **kwargs)
+        recipe = self.config.recipe
+        if recipe == "current" or (recipe == "delayed" and not self._has_history()):
+            scale = self.next_scale(x.detach().abs().amax().float())
+        else:
+            scale = self.scale.clone() if recipe == "delayed" else None  # a copy: _record updates in place
+        quantized, stats = quantize_with_stats(x, self.fmt, scale=scale, **kwargs)
+        with torch.no_grad():
+            if recipe == "delayed":
+                self._record(stats[0])
+            elif recipe == "current":
+                self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
+        self.last_scale, self.last_stats = scale, stats
+        return quantized
+
+    def _has_history(self) -> bool:
+        """Whether an amax was recorded: read from the buffer once (a host sync), then remembered."""
+        if not self._history_seen:
+            self._history_seen = bool(self.observed)
+        return self._history_seen
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._history_seen = False  # the loaded buffer decides again
 
     def _scale_for(self, amax: torch.Tensor) -> torch.Tensor:
         return scale_from_amax(amax, self.fmt, margin=self.config.margin,

@@ -251,3 +251,16 @@ def test_ulp_is_the_local_grid_spacing():
     spacing = positives[1:] - positives[:-1]
     assert torch.equal(ulp(positives[:-1].float(), fmt).double(), spacing)  # the gap above each value
     assert torch.equal(ulp(torch.tensor([3.0]), fmt, scale=4.0), torch.tensor([0.25]))  # 12 lies in [8, 16)
+
+
+@pytest.mark.parametrize("spec", list(ML_DTYPES) + BRUTE_FORCE_SPECS)
+def test_encode_saturated_codes_are_the_codes_of_the_saturated_values(spec, path):
+    x = torch.from_numpy(probe_inputs(spec))
+    x = x[~x.isnan()]
+    assert torch.equal(encode(x, spec, saturate=True), encode(quantize(x, spec, saturate=True), spec))
+
+
+def test_encode_options_for_comparing_codes():
+    codes = encode(torch.tensor([-0.0, 0.0, -1e-9, float("nan")]), "E2M5", nan_code=0, signed_zero=False)
+    assert codes.tolist() == [0, 0, 0, 0]
+    assert encode(torch.tensor([-0.0, -1e-9]), "E2M5").tolist() == [0x80, 0x80]
