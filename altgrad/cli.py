@@ -35,10 +35,9 @@ def formats_table() -> list[dict]:
 
 
 def _cmd_formats(args) -> int:
-    import pandas as pd
+    from altgrad.results import markdown_table
 
-    table = pd.DataFrame(formats_table())
-    print(table.to_markdown(index=False, floatfmt=".4g", missingval="—"))
+    print(markdown_table(formats_table()))
     print("\nmin normal is blank where a format has no normals; min subnormal is the smallest positive value.")
     print("Formats with the same grid up to a scale are the same experiment under per-tensor scaling.")
     return 0
@@ -71,6 +70,40 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from altgrad.sweep import load_sweep, run_sweep
+    from altgrad.sweep.runner import results_root
+
+    spec = load_sweep(args.sweep)
+    print(f"sweep {spec.name}: {len(spec.cells)} trials -> {results_root(args.out, spec.name)}")
+    statuses = run_sweep(spec, args.out, address=args.address, resume=args.resume, wandb=args.wandb)
+    wall = statuses.pop("_wall_time_s")
+    counts = {s: list(statuses.values()).count(s) for s in ("completed", "stopped", "error")}
+    print(f"sweep {spec.name}: {counts['completed']} completed, {counts['stopped']} stopped early, "
+          f"{counts['error']} errors in {wall:.0f} s; analyse with: altgrad report {results_root(args.out, spec.name)}")
+    return 1 if counts["error"] else 0
+
+
+def _cmd_matrix(args) -> int:
+    from altgrad.sweep import load_sweep
+    from altgrad.sweep.matrix import render_matrix
+
+    document = render_matrix(load_sweep(args.sweep), f"altgrad matrix {args.sweep}")
+    if args.check is None:
+        print(document, end="")
+        return 0
+    try:
+        current = Path(args.check).read_text()
+    except OSError as error:
+        raise ConfigError(args.check, "--check", f"cannot read it ({error.strerror})") from None
+    if current == document:
+        print(f"{args.check} matches {args.sweep}")
+        return 0
+    print(f"{args.check} no longer matches {args.sweep}; regenerate it with: "
+          f"altgrad matrix {args.sweep} > {args.check}", file=sys.stderr)
+    return 1
+
+
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
@@ -88,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override a cell key (dotted for nested keys, e.g. model.n_layer=4); repeatable")
     train.add_argument("--resume", action="store_true", help="continue from DIR/<name>/checkpoint.pt")
     train.set_defaults(run=_cmd_train)
+
+    sweep = verbs.add_parser("sweep", help="run the whole test matrix of a sweep YAML on Ray Tune")
+    sweep.add_argument("sweep", help="sweep YAML: name, trial, matrix, exclude, early_stopping, resources")
+    sweep.add_argument("--out", default="results", help="results root (local, NFS, s3://, gs://; default results)")
+    sweep.add_argument("--address", default=None, help="a running Ray cluster: auto or host:port "
+                                                       "(default: start a local Ray)")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    sweep.add_argument("--wandb", default="off", choices=("off", "offline", "online"),
+                       help="log every trial to Weights & Biases, grouped by sweep (default off)")
+    sweep.set_defaults(run=_cmd_sweep)
+
+    matrix = verbs.add_parser("matrix", help="print a sweep's test matrix as markdown (TEST_MATRIX.md)")
+    matrix.add_argument("sweep", help="sweep YAML")
+    matrix.add_argument("--check", metavar="FILE", help="exit 1 when FILE no longer matches the sweep")
+    matrix.set_defaults(run=_cmd_matrix)
     return parser
 
 

@@ -162,6 +162,10 @@ def _check(cell: CellConfig, source: str) -> None:
             format_spec(f"layers.{pattern}", spec)
     else:
         raise ConfigError(source, "layers", f"{cell.layers!r} is neither a policy name nor a map pattern: format")
+    layer_formats = cell.layers.values() if isinstance(cell.layers, dict) else [cell.format]
+    if cell.optimizer != "adamw" and all(get_format(spec).is_native for spec in layer_formats):
+        raise ConfigError(source, "optimizer", f"{cell.optimizer} steps in rungs of an 8-bit grid, and format "
+                                               f"{cell.format} has none: leave this cell out (exclude:)")
     for key in ("lr", "ulp_lr", "steps", "batch_size", "eval_every", "eval_iters"):
         positive(key, getattr(cell, key))
     for key in ("weight_decay", "warmup_steps", "grad_clip", "checkpoint_every", "seed"):

@@ -111,3 +111,11 @@ def read_table(root: str, table: str):
         return to_table(table, []).to_pandas()
     parts = [pq.read_table(path, filesystem=fs, schema=SCHEMAS[table]) for path in files]
     return pa.concat_tables(parts).to_pandas()
+
+
+def markdown_table(rows) -> str:
+    """Rows (dicts or a DataFrame) as a markdown table; missing values (None/NaN) show as an em dash."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows).astype(object)
+    return frame.where(frame.notna(), None).to_markdown(index=False, floatfmt=".6g", missingval="—")

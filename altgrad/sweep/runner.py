@@ -1,0 +1,310 @@
+"""Runs a sweep on Ray Tune: one trial per cell, each running the :class:`~altgrad.trainer.Trainer`.
+
+Trials write their own ``steps`` and ``layers`` files straight to the results root (local, NFS or an
+object store), so remote workers never need the head's disk. The driver writes the ``trials`` table,
+because only it knows how a trial ended: a :class:`SweepRecorder` callback takes each trial's last
+report, the stop reason the scheduler gave it, and any error, and writes its row the moment it ends.
+The recorder's state is saved by Ray with the experiment, so stop reasons survive ``--resume``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+from ray import tune
+from tqdm.auto import tqdm
+
+from altgrad import results
+from altgrad.config import ConfigError, parse_cell
+from altgrad.sweep.scheduler import RankCollapseScheduler
+from altgrad.sweep.spec import SweepSpec
+
+CHECKPOINT_FILE = "trainer.pt"
+WANDB_MODES = ("off", "offline", "online")
+
+
+def results_root(out: str, name: str) -> str:
+    return f"{out.rstrip('/')}/{name}"
+
+
+def _absolute(out: str) -> str:
+    return out if "://" in out else str(Path(out).resolve())
+
+
+# ---- the trial ----------------------------------------------------------------------------------
+
+def run_trial(config: dict, *, cells: dict, root: str, sweep: str) -> None:
+    """Ray Tune's function trainable: train one cell, reporting through ``tune.report``.
+
+    An actor may be reused for the next trial (``reuse_actors``): everything a trial depends on is set
+    here (seeds inside the Trainer, the thread count from the trial's CPUs)."""
+    from altgrad.trainer import Trainer
+
+    cell_id = config["cell_id"]
+    cell = parse_cell(cells[cell_id], f"cell {cell_id}")
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch_threads(max(1, int(cpus)))
+    workdir = Path(tempfile.mkdtemp(prefix=f"altgrad-{cell_id}-"))
+    checkpoint_path = workdir / CHECKPOINT_FILE
+    restored = tune.get_checkpoint()
+    if restored:
+        with restored.as_directory() as directory:
+            shutil.copy(Path(directory) / CHECKPOINT_FILE, checkpoint_path)
+    trainer = Trainer(cell, trial_id=cell_id, results_root=root, checkpoint_path=checkpoint_path,
+                      progress=False, sweep=sweep)
+
+    def report(metrics: dict, checkpoint: Path | None) -> None:
+        metrics = {**metrics, "trial_summary": trainer.summary(status="running")}
+        if checkpoint is None:
+            tune.report(metrics)
+        else:
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint.parent)))
+
+    try:
+        trainer.run(report=report, resume=restored is not None)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+# ---- the driver's bookkeeping --------------------------------------------------------------------
+
+class SweepRecorder(tune.Callback):
+    """Writes each trial's ``trials`` row when it ends, and keeps the scheduler's stop reasons.
+
+    Its state (stop reasons, rows written) is saved by Ray with the experiment and restored on
+    ``--resume``; a trial's row is rewritten whole, so a resumed sweep never duplicates one."""
+
+    def __init__(self, spec: SweepSpec, root: str, progress: bool = True):
+        self.cells = {cell.cell_id: cell for cell in spec.cells}
+        self.root, self.sweep = root, spec.name
+        self.stop_reasons: dict[str, str] = {}
+        self.finished: dict[str, str] = {}  # cell id -> status
+        self.progress = progress
+        self._bar = None
+
+    # Ray saves and restores this with the experiment state.
+    def get_state(self) -> dict:
+        return {"stop_reasons": dict(self.stop_reasons), "finished": dict(self.finished)}
+
+    def set_state(self, state: dict) -> None:
+        self.stop_reasons.update(state.get("stop_reasons", {}))
+        self.finished.update(state.get("finished", {}))
+
+    def record_stop(self, trial_id: str, reason: str, result: dict) -> None:
+        """The scheduler's STOP: remembered by Ray's trial id until the trial's row is written."""
+        self.stop_reasons[trial_id] = reason
+
+    def setup(self, **info) -> None:
+        if self.progress:
+            self._bar = tqdm(total=len(self.cells), initial=len(self.finished), unit="trial", desc=self.sweep)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self._write(trial, error=None)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._write(trial, error=_error_text(trial))
+
+    def on_experiment_end(self, trials, **info) -> None:
+        if self._bar:
+            self._bar.close()
+
+    def _write(self, trial, error: str | None) -> None:
+        cell_id = trial.config["cell_id"]
+        row = self.row(cell_id, trial.last_result or {}, self.stop_reasons.get(trial.trial_id), error)
+        results.write_rows(self.root, "trials", cell_id, [row])
+        self.finished[cell_id] = row["status"]
+        if self._bar:
+            self._bar.update(1)
+            counts = {status: list(self.finished.values()).count(status) for status in ("stopped", "error")}
+            self._bar.set_postfix(counts, refresh=True)
+
+    def row(self, cell_id: str, last: dict, scheduler_reason: str | None, error: str | None) -> dict:
+        """The trials row from the trial's last report (its trainer's summary) and how it ended."""
+        summary = dict(last.get("trial_summary") or self._empty_summary(cell_id))
+        reason = scheduler_reason or summary.get("stop_reason")
+        if error is not None:
+            summary.update(status="error", stop_reason="error", error=error)
+        elif reason:
+            summary.update(status="stopped", stop_reason=reason)
+        else:
+            summary.update(status="completed", stop_reason=None)
+        return summary
+
+    def _empty_summary(self, cell_id: str) -> dict:
+        """A row for a trial that ended before its first report (it failed while starting)."""
+        cell = self.cells[cell_id].config
+        layers = cell.layers if isinstance(cell.layers, str) else str(cell.layers)
+        return {"trial_id": cell_id, "format": cell.format, "optimizer": cell.optimizer, "layers": layers,
+                "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_completed": 0,
+                "steps_planned": cell.steps, "sweep": self.sweep, "final_train_loss": math.nan,
+                "final_val_loss": math.nan, "best_val_loss": math.nan, "wall_time_s": math.nan}
+
+
+def _error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    try:
+        text = Path(path).read_text() if path else ""
+    except OSError:
+        text = ""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else "trial failed"
+
+
+# ---- the sweep -----------------------------------------------------------------------------------
+
+def default_resources() -> dict:
+    """One GPU per trial where the cluster has GPUs, else one CPU (Ray must be running)."""
+    gpus = ray.cluster_resources().get("GPU", 0)
+    return {"cpu": 1, "gpu": 1} if gpus >= 1 else {"cpu": 1, "gpu": 0}
+
+
+def check_resources(spec: SweepSpec, request: dict, capacity: list[dict]) -> None:
+    """Refuse a per-trial request that no node can ever hold (it would wait forever)."""
+    for node in capacity:
+        if node.get("CPU", 0) >= request["cpu"] and node.get("GPU", 0) >= request["gpu"]:
+            return
+    biggest = max(capacity, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+    raise ConfigError(spec.source, "resources", f"cpu={request['cpu']}, gpu={request['gpu']} per trial fits no "
+                                                f"node (largest: cpu={biggest.get('CPU', 0):g}, "
+                                                f"gpu={biggest.get('GPU', 0):g})")
+
+
+def local_capacity() -> list[dict]:
+    """This machine's resources, for checking a local sweep before Ray starts."""
+    import torch
+
+    return [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
+
+
+def node_capacity() -> list[dict]:
+    return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+
+
+def build_scheduler(spec: SweepSpec, recorder: SweepRecorder) -> RankCollapseScheduler:
+    early = spec.early_stopping
+    asha = None
+    if "asha" in early:
+        from ray.tune.schedulers import ASHAScheduler
+
+        settings = early["asha"]
+        asha = ASHAScheduler(time_attr="step", metric="val_loss", mode="min",
+                             max_t=int(settings.get("max_t", max(c.config.steps for c in spec.cells))),
+                             grace_period=int(settings.get("grace_period", 1)),
+                             reduction_factor=settings.get("reduction_factor", 4))
+    return RankCollapseScheduler(patience=int(early.get("rank_collapse", {}).get("patience", 2)),
+                                 loss_factor=float(early.get("divergence", {}).get("loss_factor", 4.0)),
+                                 asha=asha, on_stop=recorder.record_stop)
+
+
+def experiment_path(out: str, name: str) -> str:
+    """Where Ray keeps the experiment (under the results root, in a folder readers skip)."""
+    return f"{results_root(out, name)}/_ray"
+
+
+def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: bool = False,
+              wandb: str = "off", progress: bool = True) -> dict[str, str]:
+    """Run (or with ``resume``, continue) the sweep; return {cell id: status}."""
+    out = _absolute(out)
+    root = results_root(out, spec.name)
+    if resume and not results.has_results(root) and not _experiment_exists(out, spec.name):
+        raise ConfigError(spec.source, "--resume", f"no sweep {spec.name!r} to resume under {out}")
+    if not resume and (results.has_results(root) or _experiment_exists(out, spec.name)):
+        raise ConfigError(spec.source, "name", f"{root} already holds sweep {spec.name!r}: pass --resume to "
+                                               f"continue it, or choose another --out or name")
+    if address is None and spec.resources is not None:
+        check_resources(spec, spec.resources, local_capacity())
+    env = _wandb_environment(wandb, root)
+    os.environ.update(env)  # before Ray starts: workers inherit it
+    ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
+             log_to_driver=False, include_dashboard=False if address is None else None)
+    try:
+        request = spec.resources or default_resources()
+        check_resources(spec, request, node_capacity())
+        recorder = SweepRecorder(spec, root, progress=progress)
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, cells={c.cell_id: c.raw for c in spec.cells}, root=root,
+                                 sweep=spec.name),
+            {"cpu": request["cpu"], "gpu": request["gpu"]})
+        if resume:
+            tuner = tune.Tuner.restore(_experiment_dir(out, spec.name), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"cell_id": tune.grid_search(spec.cell_ids)},
+                tune_config=tune.TuneConfig(scheduler=build_scheduler(spec, recorder), reuse_actors=True,
+                                            max_concurrent_trials=None),
+                run_config=tune.RunConfig(
+                    name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
+                    failure_config=tune.FailureConfig(max_failures=2),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    callbacks=[recorder, *_wandb_callbacks(wandb, spec.name)]),
+            )
+        started = time.perf_counter()
+        grid = tuner.fit()
+        statuses = _final_rows(grid, spec, root, recorder)
+        statuses["_wall_time_s"] = time.perf_counter() - started
+        return statuses
+    finally:
+        ray.shutdown()
+
+
+def _experiment_dir(out: str, name: str) -> str:
+    return f"{experiment_path(out, name)}/{name}"
+
+
+def _experiment_exists(out: str, name: str) -> bool:
+    try:
+        return tune.Tuner.can_restore(_experiment_dir(out, name))
+    except Exception:  # an unreachable or malformed location is "nothing to restore"
+        return False
+
+
+def _final_rows(grid, spec: SweepSpec, root: str, recorder: SweepRecorder) -> dict[str, str]:
+    """Make sure every cell has its row (trials restored as already finished were never re-reported)."""
+    statuses = {}
+    for result in grid:
+        cell_id = result.config["cell_id"]
+        if cell_id not in recorder.finished:
+            error = None if result.error is None else str(result.error).strip().splitlines()[-1][:500]
+            row = recorder.row(cell_id, result.metrics or {}, None, error)
+            results.write_rows(root, "trials", cell_id, [row])
+            recorder.finished[cell_id] = row["status"]
+        statuses[cell_id] = recorder.finished[cell_id]
+    return statuses
+
+
+def _wandb_environment(mode: str, root: str) -> dict:
+    if mode not in WANDB_MODES:
+        raise ConfigError("--wandb", "mode", f"{mode!r} is not one of {', '.join(WANDB_MODES)}")
+    if mode == "off":
+        return {}
+    if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("--wandb", "online", "needs WANDB_API_KEY in the environment (or use offline)")
+    if "://" in root:
+        raise ConfigError("--wandb", mode, "writes its files locally; use a local --out with W&B")
+    directory = Path(root) / "wandb"
+    directory.mkdir(parents=True, exist_ok=True)
+    return {"WANDB_MODE": mode, "WANDB_DIR": str(directory), "WANDB_SILENT": "true"}
+
+
+def _wandb_callbacks(mode: str, group: str) -> list:
+    if mode == "off":
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    return [WandbLoggerCallback(project="altgrad", group=group, excludes=["trial_summary"], log_config=True)]
+
+
