@@ -26,6 +26,9 @@ from altgrad.sweep.scheduler import RankCollapseScheduler
 from altgrad.sweep.spec import SweepSpec
 
 CHECKPOINT_FILE = "trainer.pt"
+# Fault injection for checking recovery: every trial crashes once, right after the report of this step
+# (its checkpoint saved), and Ray restarts it from that checkpoint (FailureConfig.max_failures).
+CRASH_AT_STEP = "ALTGRAD_CRASH_AT_STEP"
 WANDB_MODES = ("off", "offline", "online")
 
 
@@ -59,12 +62,16 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str) -> None:
     trainer = Trainer(cell, trial_id=cell_id, results_root=root, checkpoint_path=checkpoint_path,
                       progress=False, sweep=sweep)
 
+    crash_at = int(os.environ.get(CRASH_AT_STEP, 0))
+
     def report(metrics: dict, checkpoint: Path | None) -> None:
         metrics = {**metrics, "trial_summary": trainer.summary(status="running")}
         if checkpoint is None:
             tune.report(metrics)
         else:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint.parent)))
+        if crash_at and restored is None and metrics["step"] >= crash_at:
+            raise RuntimeError(f"{CRASH_AT_STEP}: crashing once after step {metrics['step']}, as asked")
 
     try:
         trainer.run(report=report, resume=restored is not None)
@@ -226,7 +233,11 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
     if address is None and spec.resources is not None:
         check_resources(spec, spec.resources, local_capacity())
     env = _wandb_environment(wandb, root)
+    if CRASH_AT_STEP in os.environ:
+        env[CRASH_AT_STEP] = os.environ[CRASH_AT_STEP]
     os.environ.update(env)  # before Ray starts: workers inherit it
+    # num_to_keep forces an experiment snapshot per checkpoint; that is intended, not a warning.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False if address is None else None)
     try:
@@ -249,7 +260,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=2),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[recorder, *_wandb_callbacks(wandb, spec.name)]),
             )
         started = time.perf_counter()

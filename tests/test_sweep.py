@@ -1,0 +1,209 @@
+"""The sweep: matrix expansion and validation, the early-stopping scheduler, and real runs on a local Ray
+(complete tables, early stopping of exactly the collapsing trial, a trial crash and a driver kill that
+both resume without duplicate or missing rows)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pandas as pd
+import pytest
+import yaml
+
+from altgrad.cli import main
+from altgrad.sweep import RankCollapseScheduler, parse_sweep
+
+TINY_TRIAL = {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_iters": 2, "warmup_steps": 5,
+              "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+              "diagnostics": {"flips_every": 1, "rank_every": 10}}
+
+
+def sweep_file(tmp_path, **sections) -> Path:
+    body = {"name": "t", "trial": TINY_TRIAL, "matrix": {"format": ["E4M3", "E2M5"], "optimizer": ["adamw", "grid"]},
+            "resources": {"cpu": 1}, **sections}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+def altgrad(*args, timeout=600, env=None):
+    """The CLI in its own process, as a user runs it (and so that Ray's state never leaks between tests)."""
+    return subprocess.run([sys.executable, "-m", "altgrad.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def tables(root: Path) -> dict:
+    return {t: pd.read_parquet(root / t) for t in ("trials", "steps", "layers")}
+
+
+def assert_complete(root: Path, cells: int, steps: int = 30):
+    t = tables(root)
+    assert len(t["trials"]) == cells and t["trials"]["trial_id"].is_unique
+    assert not t["steps"].duplicated(["trial_id", "step"]).any()
+    assert not t["layers"].duplicated(["trial_id", "step", "layer"]).any()
+    for trial_id, group in t["steps"].groupby("trial_id"):
+        completed = t["trials"].set_index("trial_id").loc[trial_id, "steps_completed"]
+        assert sorted(group["step"]) == list(range(1, completed + 1)), trial_id
+    return t
+
+
+# ---- the matrix ----------------------------------------------------------------------------------
+
+def test_matrix_expands_to_one_cell_per_combination_less_exclusions():
+    spec = parse_sweep({"name": "m", "trial": TINY_TRIAL,
+                        "matrix": {"format": ["E4M3", "fp32"], "optimizer": ["adamw", "grid"], "seed": [0, 1],
+                                   "diagnostics.rank_every": [5]},
+                        "exclude": [{"format": "fp32", "optimizer": "grid"}]})
+    assert len(spec.cells) == 6
+    assert "E4M3_grid_s1_5" in spec.cell_ids
+    cell = next(c for c in spec.cells if c.cell_id == "E4M3_grid_s1_5")
+    assert (cell.config.optimizer, cell.config.seed, cell.config.diagnostics.rank_every) == ("grid", 1, 5)
+    assert cell.config.model.n_embd == 32  # the base trial's keys stay
+
+
+@pytest.mark.parametrize("change,fragment", [
+    ({"matrix": {"format": ["E4M3", "E9M9"]}}, "E9M9"),
+    ({"matrix": {"optimizer": ["adamw", "sgd"]}}, "sgd"),
+    ({"matrix": {"layers": ["heads"]}}, "heads"),
+    ({"matrix": {"layers": [{"*.mlp.c_fcc": "E3M4"}]}}, "c_fcc"),
+    ({"matrix": {"steps": [0]}}, "steps"),
+    ({"matrix": {"lr": [-1.0]}}, "lr"),
+    ({"matrix": {"format": []}}, "matrix.format"),
+    ({"matrix": {"format": ["fp32"], "optimizer": ["grid"]}}, "exclude"),
+    ({"trial": {**TINY_TRIAL, "lrr": 1}}, "lrr"),
+    ({"resources": {"cpu": 10000}}, "resources"),
+    ({"resources": {"tpu": 1}}, "tpu"),
+    ({"early_stopping": {"rank_collapse": {"patience": 0}}}, "patience"),
+    ({"early_stopping": {"boredom": {}}}, "boredom"),
+    ({"exclude": [{"format": "E5M2"}]}, "E5M2"),
+    ({"colour": "blue"}, "colour"),
+])
+def test_bad_sweep_files_fail_fast_with_one_line_exit_2_and_nothing_written(change, fragment, tmp_path, capsys):
+    path = sweep_file(tmp_path, **change)
+    started = time.perf_counter()
+    assert main(["sweep", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - started < 10  # before any Ray work
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sweep.yaml" in err[0] and fragment in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_matrix_document_and_its_check(tmp_path):
+    path = sweep_file(tmp_path)
+    document = tmp_path / "TEST_MATRIX.md"
+    result = altgrad("matrix", str(path))
+    assert result.returncode == 0 and "4 trials" in result.stdout and "E2M5_grid" in result.stdout
+    document.write_text(result.stdout)
+    assert altgrad("matrix", str(path), "--check", str(document)).returncode == 0
+    document.write_text(result.stdout.replace("E2M5", "E2M6"))
+    assert altgrad("matrix", str(path), "--check", str(document)).returncode == 1
+
+
+def test_committed_test_matrix_matches_the_full_matrix_sweep(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # the document names the sweep by this path
+    assert main(["matrix", "sweeps/full_matrix.yaml", "--check", "TEST_MATRIX.md"]) == 0
+
+
+# ---- the scheduler -------------------------------------------------------------------------------
+
+def decide(scheduler, trial_id, **result):
+    return scheduler.on_trial_result(None, SimpleNamespace(trial_id=trial_id), result)
+
+
+def test_scheduler_stops_after_patience_consecutive_warnings_only():
+    stops = []
+    scheduler = RankCollapseScheduler(patience=3, on_stop=lambda *args: stops.append(args[:2]))
+    decisions = [decide(scheduler, "a", train_loss=2.0, rank_warnings=w) for w in (1, 1, 0, 1, 1, 1)]
+    assert decisions == ["CONTINUE"] * 5 + ["STOP"]
+    assert stops == [("a", "rank_collapse")]
+    assert all(decide(scheduler, "b", train_loss=2.0, rank_warnings=0) == "CONTINUE" for _ in range(10))
+
+
+@pytest.mark.parametrize("loss", [float("nan"), float("inf"), 9.0])
+def test_scheduler_stops_a_diverging_loss(loss):
+    stops = []
+    scheduler = RankCollapseScheduler(loss_factor=4.0, on_stop=lambda *args: stops.append(args[1]))
+    assert decide(scheduler, "a", train_loss=2.0, rank_warnings=0) == "CONTINUE"
+    assert decide(scheduler, "a", train_loss=loss, rank_warnings=0) == "STOP"
+    assert stops == ["diverged"]
+
+
+def test_scheduler_copes_with_missing_and_odd_metrics_without_stopping_healthy_trials():
+    scheduler = RankCollapseScheduler(patience=1)
+    for result in ({}, {"train_loss": None}, {"rank_warnings": float("nan")}, {"train_loss": "x"},
+                   {"train_loss": 1.0, "rank_warnings": None}, {"train_loss": 3.9, "rank_warnings": 0}):
+        assert decide(scheduler, "a", **result) == "CONTINUE", result
+
+
+# ---- real sweeps on a local Ray --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_sweep(tmp_path_factory):
+    """A 2 x 2 sweep in which one cell's thresholds make its critical layers warn at every check."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    trial = {**TINY_TRIAL, "steps": 60, "rank_trend": {"warmup_steps": 0}}
+    path = sweep_file(tmp, trial=trial, matrix={"format": ["E4M3", "E5M2"],
+                                                "rank_trend.critical_drop_threshold": [0.9, 0.0001]},
+                      early_stopping={"rank_collapse": {"patience": 1}})
+    result = altgrad("sweep", str(path), "--out", str(tmp / "out"))
+    return tmp / "out" / "t", result
+
+
+def test_a_local_sweep_lands_every_cell_with_consistent_tables(small_sweep):
+    root, result = small_sweep
+    assert result.returncode == 0, result.stderr[-3000:]
+    t = assert_complete(root, 4)
+    assert set(t["steps"]["trial_id"]) == set(t["trials"]["trial_id"])
+    assert t["trials"]["node_id"].notna().all() and t["trials"]["wall_time_s"].gt(0).all()
+    assert "analyse with: altgrad report" in result.stdout
+
+
+def test_the_scheduler_stops_the_collapsing_trials_and_only_them(small_sweep):
+    root, _ = small_sweep
+    trials = pd.read_parquet(root / "trials").set_index("trial_id")
+    sensitive = trials.index.str.endswith("_0.0001")
+    # A tolerance of 90% never warns; a 0.01% one warns at the first dip of a critical layer's rank.
+    assert (trials.loc[~sensitive, "status"] == "completed").all()
+    assert (trials.loc[~sensitive, "steps_completed"] == 60).all()
+    stopped = trials[trials["status"] == "stopped"]
+    assert len(stopped) >= 1 and set(stopped.index) <= set(trials.index[sensitive])
+    assert (stopped["stop_reason"] == "rank_collapse").all()
+    assert (stopped["steps_completed"] < 60).all() and stopped["first_warning_step"].notna().all()
+
+
+def test_a_crashed_trial_resumes_from_its_checkpoint_without_duplicate_rows(tmp_path):
+    path = sweep_file(tmp_path, matrix={"format": ["E4M3"], "optimizer": ["adamw", "grid"]})
+    result = altgrad("sweep", str(path), "--out", str(tmp_path / "out"), env={"ALTGRAD_CRASH_AT_STEP": "20"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    t = assert_complete(tmp_path / "out" / "t", 2)
+    assert (t["trials"]["status"] == "completed").all() and (t["trials"]["steps_completed"] == 30).all()
+
+
+def test_a_killed_driver_resumes_with_every_cell_exactly_once(tmp_path):
+    trial = {**TINY_TRIAL, "steps": 80, "eval_every": 20}
+    path = sweep_file(tmp_path, trial=trial, matrix={"format": ["E4M3", "E2M5", "E5M2"], "optimizer": ["adamw"]})
+    out = tmp_path / "out"
+    driver = subprocess.Popen([sys.executable, "-m", "altgrad.cli", "sweep", str(path), "--out", str(out)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not list((out / "t" / "steps").glob("*.parquet")):
+            time.sleep(0.5)
+        time.sleep(3)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
+        driver.wait()
+    assert altgrad("sweep", str(path), "--out", str(out)).returncode == 2  # no silent overwrite
+    result = altgrad("sweep", str(path), "--out", str(out), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    t = assert_complete(out / "t", 3)
+    assert (t["trials"]["status"] == "completed").all() and (t["trials"]["steps_completed"] == 80).all()
+
+
+def test_resume_without_a_sweep_is_refused(tmp_path, capsys):
+    assert main(["sweep", str(sweep_file(tmp_path)), "--out", str(tmp_path / "none"), "--resume"]) == 2
+    assert "no sweep" in capsys.readouterr().err
