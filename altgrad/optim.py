@@ -102,6 +102,19 @@ class _AdamBase(torch.optim.Optimizer):
         m, denom, bias1 = self._moments(p, group)
         p.addcdiv_(m, denom, value=-(group["lr"] / bias1))
 
+    def _grid_params(self):
+        """Yield ``(p, group, fmt)`` for each parameter with a gradient in a group with an 8-bit format;
+        parameters of plain groups take their AdamW step on the way."""
+        for group in self.param_groups:
+            fmt = _grid_format(group["fmt"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if fmt is None:
+                    self._adamw_step(p, group)
+                else:
+                    yield p, group, fmt
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["param_groups"] = [{k: v for k, v in g.items() if k not in _LIVE_KEYS}
@@ -134,18 +147,11 @@ class ManifoldAdamW(_AdamBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            fmt = _grid_format(group["fmt"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if fmt is None:
-                    self._adamw_step(p, group)
-                    continue
-                rungs = self._direction(p, group)
-                if group["weight_decay"]:
-                    rungs.add_(torch.sign(p), alpha=group["weight_decay"])
-                p.addcmul_(ulp(p, fmt, scale=group["scale"]), rungs, value=-group["lr"])
+        for p, group, fmt in self._grid_params():
+            rungs = self._direction(p, group)
+            if group["weight_decay"]:
+                rungs.add_(torch.sign(p), alpha=group["weight_decay"])
+            p.addcmul_(ulp(p, fmt, scale=group["scale"]), rungs, value=-group["lr"])
         return loss
 
 
@@ -181,16 +187,7 @@ class GridOptim(_AdamBase):
 
     @torch.no_grad()
     def step(self) -> tuple[int, int]:
-        counts = []
-        for group in self.param_groups:
-            fmt = _grid_format(group["fmt"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if fmt is None:
-                    self._adamw_step(p, group)
-                else:
-                    counts.append(self._grid_step(p, group, fmt))
+        counts = [self._grid_step(p, group, fmt) for p, group, fmt in self._grid_params()]
         if not counts:
             return 0, 0
         flips, updates = torch.stack(counts).sum(0).tolist()  # one host sync per step

@@ -207,3 +207,14 @@ def test_a_killed_driver_resumes_with_every_cell_exactly_once(tmp_path):
 def test_resume_without_a_sweep_is_refused(tmp_path, capsys):
     assert main(["sweep", str(sweep_file(tmp_path)), "--out", str(tmp_path / "none"), "--resume"]) == 2
     assert "no sweep" in capsys.readouterr().err
+
+
+def test_wandb_offline_logs_one_run_per_trial_under_the_results_dir_without_network(tmp_path):
+    path = sweep_file(tmp_path, name="wbgroup", matrix={"format": ["E4M3", "E2M5"]})
+    env = {"WANDB_API_KEY": "", "WANDB_BASE_URL": "http://127.0.0.1:9"}  # any network use would fail
+    result = altgrad("sweep", str(path), "--out", str(tmp_path / "out"), "--wandb", "offline", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = sorted((tmp_path / "out" / "wbgroup" / "wandb").glob("wandb/offline-run-*"))
+    assert len(runs) == 2
+    for run in runs:  # each run records its group, the sweep's name
+        assert b"wbgroup" in next(run.glob("*.wandb")).read_bytes()
