@@ -84,6 +84,12 @@ def _cmd_sweep(args) -> int:
     return 1 if counts["error"] else 0
 
 
+def _cmd_report(args) -> int:
+    from altgrad.analysis import report_main
+
+    return report_main(args.path, args.out)
+
+
 def _cmd_matrix(args) -> int:
     from altgrad.sweep import load_sweep
     from altgrad.sweep.matrix import render_matrix
@@ -131,6 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--wandb", default="off", choices=("off", "offline", "online"),
                        help="log every trial to Weights & Biases, grouped by sweep (default off)")
     sweep.set_defaults(run=_cmd_sweep)
+
+    report = verbs.add_parser("report", help="cross-format tables and plots of a sweep's (or a run's) results")
+    report.add_argument("path", help="a results directory DIR/<name> (local or s3://...)")
+    report.add_argument("--out", default=None, help="report directory (default: DIR/<name>/report)")
+    report.set_defaults(run=_cmd_report)
 
     matrix = verbs.add_parser("matrix", help="print a sweep's test matrix as markdown (TEST_MATRIX.md)")
     matrix.add_argument("sweep", help="sweep YAML")

@@ -126,7 +126,7 @@ class Trainer:
         self.interval = _Interval(self.layers)
         self.rows: dict[str, list[dict]] = {"steps": [], "layers": []}
         self.step = 0
-        self.state = {"best_val_loss": NAN, "first_warning_step": None, "wall_time_s": 0.0,
+        self.state = {"best_val_loss": NAN, "final_val_loss": NAN, "first_warning_step": None, "wall_time_s": 0.0,
                       "rank_warnings": 0, "stop_reason": None}
 
     # ---- construction --------------------------------------------------------------------------
@@ -258,7 +258,7 @@ class Trainer:
 
     def _evaluate_and_report(self, report: Report | None) -> None:
         row = self.rows["steps"][-1]
-        row["val_loss"] = self.evaluate()
+        row["val_loss"] = self.state["final_val_loss"] = self.evaluate()
         if row["val_loss"] == row["val_loss"]:
             self.state["best_val_loss"] = min(row["val_loss"], self.state["best_val_loss"]) \
                 if self.state["best_val_loss"] == self.state["best_val_loss"] else row["val_loss"]
@@ -288,14 +288,13 @@ class Trainer:
     def summary(self, status: str, error: str | None = None) -> dict:
         """The trial's row of the ``trials`` table."""
         cell, steps = self.cell, self.rows["steps"]
-        last_val = next((r["val_loss"] for r in reversed(steps) if r["val_loss"] == r["val_loss"]), NAN)
         return {
             "trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer,
             "layers": cell.layers if isinstance(cell.layers, str) else json.dumps(cell.layers, sort_keys=True),
             "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "status": status,
             "stop_reason": self.state["stop_reason"] or ("error" if status == "error" else None),
             "steps_completed": self.step, "steps_planned": cell.steps,
-            "final_train_loss": steps[-1]["train_loss"] if steps else NAN, "final_val_loss": last_val,
+            "final_train_loss": steps[-1]["train_loss"] if steps else NAN, "final_val_loss": self.state["final_val_loss"],
             "best_val_loss": self.state["best_val_loss"], "first_warning_step": self.state["first_warning_step"],
             "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "sweep": self.sweep, "error": error,
             "config": json.dumps(cell.to_dict(), sort_keys=True, default=list),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -242,7 +243,13 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
              log_to_driver=False, include_dashboard=False if address is None else None)
     try:
         request = spec.resources or default_resources()
-        check_resources(spec, request, node_capacity())
+        try:
+            check_resources(spec, request, node_capacity())
+        except ConfigError as error:
+            if address is None:
+                raise
+            # An autoscaling cluster may add a node that fits; its trials wait for it.
+            print(f"altgrad sweep: warning: {error}; trials wait for the autoscaler to add one", file=sys.stderr)
         recorder = SweepRecorder(spec, root, progress=progress)
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, cells={c.cell_id: c.raw for c in spec.cells}, root=root,
