@@ -240,7 +240,7 @@ class Trainer:
                 **self.interval.layer_summary(name, layer.weight.numel()),
             })
         self.interval = _Interval(self.layers)
-        self.state["rank_warnings"] = warnings
+        self.state["rank_warnings"], self.state["rank_check_step"] = warnings, self.step
         if warnings and self.state["first_warning_step"] is None:
             self.state["first_warning_step"] = self.step
         return warnings
@@ -278,7 +278,8 @@ class Trainer:
             "step": self.step, "train_loss": _mean([r["train_loss"] for r in recent]) if all(
                 math.isfinite(r["train_loss"]) for r in recent) else NAN,
             "val_loss": last["val_loss"], "best_val_loss": self.state["best_val_loss"],
-            "rank_warnings": self.state["rank_warnings"], "first_warning_step": self.state["first_warning_step"],
+            "rank_warnings": self.state["rank_warnings"], "rank_check_step": self.state.get("rank_check_step"),
+            "first_warning_step": self.state["first_warning_step"],
             "stall_ratio": _mean([r["stall_ratio"] for r in recent]),
             "overflow_frac": _mean([r.get("overflow_frac", NAN) for r in recent]),
             "tokens_per_s": _mean([r["tokens_per_s"] for r in recent]),

@@ -123,6 +123,13 @@ def test_scheduler_stops_after_patience_consecutive_warnings_only():
     assert all(decide(scheduler, "b", train_loss=2.0, rank_warnings=0) == "CONTINUE" for _ in range(10))
 
 
+def test_scheduler_counts_each_rank_check_once_when_reports_repeat_it():
+    scheduler = RankCollapseScheduler(patience=2)
+    assert decide(scheduler, "a", train_loss=2.0, rank_warnings=1, rank_check_step=50) == "CONTINUE"
+    assert decide(scheduler, "a", train_loss=2.0, rank_warnings=1, rank_check_step=50) == "CONTINUE"  # a repeat
+    assert decide(scheduler, "a", train_loss=2.0, rank_warnings=1, rank_check_step=100) == "STOP"
+
+
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), 9.0])
 def test_scheduler_stops_a_diverging_loss(loss):
     stops = []

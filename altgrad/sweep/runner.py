@@ -141,6 +141,8 @@ class SweepRecorder(tune.Callback):
     def row(self, cell_id: str, last: dict, scheduler_reason: str | None, error: str | None) -> dict:
         """The trials row from the trial's last report (its trainer's summary) and how it ended."""
         summary = dict(last.get("trial_summary") or self._empty_summary(cell_id))
+        if summary["steps_completed"] >= summary["steps_planned"]:
+            scheduler_reason = None  # a STOP at the last report saved nothing: the run is complete
         reason = scheduler_reason or summary.get("stop_reason")
         if error is not None:
             summary.update(status="error", stop_reason="error", error=error)

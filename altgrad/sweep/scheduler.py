@@ -23,8 +23,10 @@ class RankCollapseScheduler(FIFOScheduler):
     Each report of a trial carries ``rank_warnings`` (critical layers warning now) and ``train_loss``.
 
     Args:
-        patience: STOP after this many consecutive reports with ``rank_warnings > 0``
-            (stop reason ``"rank_collapse"``). A report without the metric neither counts nor resets.
+        patience: STOP after this many consecutive rank checks with ``rank_warnings > 0`` (stop reason
+            ``"rank_collapse"``). Reports between two checks repeat the last one's warnings; when they
+            carry ``rank_check_step``, a repeat is not counted twice. A report without the metric
+            neither counts nor resets.
         loss_factor: STOP when ``train_loss`` is NaN or infinite, or above ``loss_factor`` times the
             lowest train loss the trial has reported (``"diverged"``). A missing loss decides nothing.
         asha: an optional ASHAScheduler (on val loss) asked about trials these rules let continue
@@ -41,6 +43,7 @@ class RankCollapseScheduler(FIFOScheduler):
         self.patience, self.loss_factor, self.asha, self.on_stop = patience, loss_factor, asha, on_stop
         self._streak: dict[str, int] = {}
         self._best_loss: dict[str, float] = {}
+        self._last_check: dict[str, object] = {}
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return self.asha.set_search_properties(metric, mode, **spec) if self.asha else True
@@ -67,6 +70,10 @@ class RankCollapseScheduler(FIFOScheduler):
                 return DIVERGED
             self._best_loss[trial_id] = min(loss, self._best_loss.get(trial_id, math.inf))
         warnings = _number(result.get("rank_warnings"))
+        check = result.get("rank_check_step")
+        if check is not None and self._last_check.get(trial_id) == check:
+            return None  # the same rank check as the previous report
+        self._last_check[trial_id] = check
         if warnings is not None and math.isfinite(warnings):
             self._streak[trial_id] = self._streak.get(trial_id, 0) + 1 if warnings > 0 else 0
             if self._streak[trial_id] >= self.patience:
@@ -86,6 +93,7 @@ class RankCollapseScheduler(FIFOScheduler):
     def _forget(self, trial_id: str) -> None:
         self._streak.pop(trial_id, None)
         self._best_loss.pop(trial_id, None)
+        self._last_check.pop(trial_id, None)
 
     def debug_string(self) -> str:
         return f"RankCollapseScheduler(patience={self.patience}, loss_factor={self.loss_factor}, asha={bool(self.asha)})"
