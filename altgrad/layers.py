@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from altgrad.formats import FPFormat, get_format
-from altgrad.quantize import ROUNDINGS, quantize
+from altgrad.quantize import ROUNDINGS, quantize, quantize_with_stats
 from altgrad.scaling import Scaler, ScalingConfig
 
 POINTS = ("weight", "input", "grad")
@@ -108,10 +108,12 @@ class QuantLinear(nn.Linear):
             point: Scaler(fmt, _UNSCALED if fmt.exp_bits >= 8 else config.scaling)
             for point in POINTS if (fmt := config.format_of(point)) is not None
         }).to(self.weight.device)
-        # Per point: overflow, underflow and NaN counts, last amax, last scale. Not checkpointed.
-        self.register_buffer("_stats", torch.zeros(len(POINTS), 5, dtype=torch.float64, device=self.weight.device),
-                             persistent=False)
-        self._numel = [0] * len(POINTS)
+        # Per point: overflow, underflow and NaN counts, last amax, last scale (see Scaler.quantize's
+        # ``counts``). One buffer each, not checkpointed.
+        for point in POINTS:
+            self.register_buffer(f"_stats_{point}", torch.zeros(5, dtype=torch.float64, device=self.weight.device),
+                                 persistent=False)
+        self._numel = dict.fromkeys(POINTS, 0)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
@@ -145,32 +147,33 @@ class QuantLinear(nn.Linear):
         if not self.training:
             return self._quantize_frozen(point, x)
         scaler = self.scalers[point]
-        q = scaler.quantize(x, saturate=self.config.saturate, rounding=self.config.rounding)
-        if self.stats_enabled and scaler.last_stats is not None:  # fp32 points cannot overflow: not counted
-            self._count(point, x.numel(), scaler.last_stats, scaler.last_scale)
+        counting = self.stats_enabled and scaler.fmt.name != "fp32"  # fp32 points cannot overflow: not counted
+        q = scaler.quantize(x, counts=self._point_stats(point) if counting else None, saturate=self.config.saturate,
+                            rounding=self.config.rounding)
+        if counting:
+            self._numel[point] += x.numel()
         return q
 
     def _quantize_frozen(self, point: str, x: torch.Tensor) -> torch.Tensor:
-        scaler = self.scalers[point]
-        scale = scaler.next_scale(_amax(x)) if scaler.fmt.name != "fp32" else None
-        return quantize(x, scaler.fmt, scale=scale, saturate=self.config.saturate, rounding=self.config.rounding)
+        scaler, kwargs = self.scalers[point], {"saturate": self.config.saturate, "rounding": self.config.rounding}
+        if scaler.fmt.name == "fp32":
+            return quantize(x, scaler.fmt, **kwargs)
+        # With stats (left unused): the kernel training already built, so that a first evaluation or
+        # rank check mid-run compiles nothing.
+        return quantize_with_stats(x, scaler.fmt, scale=scaler.next_scale(_amax(x)), **kwargs)[0]
 
-    @torch.no_grad()
-    def _count(self, point: str, numel: int, stats: torch.Tensor, scale: torch.Tensor | None) -> None:
-        """Add one call's counts (from the quantizing pass itself) to the point's row, on the device."""
-        i = POINTS.index(point)
-        self._stats[i, :3] += stats[1:]
-        self._stats[i, 3] = stats[0]
-        self._stats[i, 4] = 1.0 if scale is None else scale
-        self._numel[i] += numel
+    def _point_stats(self, point: str) -> torch.Tensor:
+        return getattr(self, f"_stats_{point}")
 
     def pop_stats(self) -> dict[str, dict[str, float]]:
         """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale, numel}}`` over the training calls
         since the last pop, for every point in POINTS; NaN where nothing was counted. Then resets."""
-        rows = self._stats.tolist()  # the one host sync
-        self._stats.zero_()
+        buffers = [self._point_stats(point) for point in POINTS]
+        rows = torch.stack(buffers).tolist()  # the one host sync
+        torch._foreach_zero_(buffers)
         stats = {}
-        for point, (overflow, underflow, nans, amax, scale), n in zip(POINTS, rows, self._numel):
+        for point, (overflow, underflow, nans, amax, scale) in zip(POINTS, rows):
+            n = self._numel[point]
             counted = n > 0
             stats[point] = {
                 "overflow_frac": overflow / n if counted else math.nan,
@@ -180,7 +183,7 @@ class QuantLinear(nn.Linear):
                 "scale": scale if counted else math.nan,
                 "numel": n,
             }
-        self._numel = [0] * len(POINTS)
+        self._numel = dict.fromkeys(POINTS, 0)
         return stats
 
     def extra_repr(self) -> str:

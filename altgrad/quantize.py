@@ -15,6 +15,7 @@ tests check that both paths agree bit for bit. Set ``ALTGRAD_COMPILE=0`` to neve
 from __future__ import annotations
 
 import functools
+import math
 import os
 import warnings
 
@@ -42,7 +43,8 @@ def _format_params_on(fmt: FPFormat, saturate: bool, x: torch.Tensor) -> dict[st
 
 @functools.lru_cache(maxsize=None)
 def _format_params(fmt: FPFormat, saturate: bool, compute_dtype: torch.dtype, device: torch.device):
-    """The format as 0-d tensors, so one compiled kernel serves every format without recompiling."""
+    """The format as 0-d tensors, so one compiled kernel serves every format without recompiling.
+    The one Python value, ``field_ties``, picks the kernel variant for formats without mantissa bits."""
     _, _, fbias = _LAYOUT[compute_dtype]
     top_binade = (1 << fmt.exp_bits) - 1 - fmt.bias + 1  # one past the largest normal binade
     overflow = {"ieee": float("inf"), "fn": float("nan"), "finite": fmt.max_value}[fmt.special]
@@ -53,10 +55,19 @@ def _format_params(fmt: FPFormat, saturate: bool, compute_dtype: torch.dtype, de
         "exp_hi": as_int(max(top_binade, fmt.emin) + fbias),
         "man_bits": as_int(fmt.man_bits),
         "field_offset": as_int(fmt.bias - fbias),  # float exponent + this = the format's exponent field
+        "field_ties": fmt.man_bits == 0,
         "max_value": as_float(fmt.max_value),
         "overflow_value": as_float(overflow),
         "finite_overflow_value": as_float(fmt.max_value if saturate else overflow),
     }
+
+
+def _isinf(x):
+    return x.abs() == math.inf  # unlike torch.isinf, this vectorizes in Inductor's C++ backend
+
+
+def _isnan(x):
+    return x != x  # likewise for torch.isnan
 
 
 def _ulp_exponent(work, exp_lo, exp_hi, man_bits):
@@ -65,33 +76,32 @@ def _ulp_exponent(work, exp_lo, exp_hi, man_bits):
     return torch.clamp((work.view(int_dtype) >> mant) & (2 * fbias + 1), exp_lo, exp_hi) - man_bits
 
 
-def _rungs(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset):
+def _rungs(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, field_ties: bool):
     """``x * scale`` in the compute dtype, the biased exponent of its grid spacing, and the rounded
     (signed, integral) number of spacings: the value is ``rungs * 2**ulp_exponent``."""
     work = x.to(_compute_dtype(x.dtype)) * scale
     _, mant, fbias = _LAYOUT[work.dtype]
     ulp_exponent = _ulp_exponent(work, exp_lo, exp_hi, man_bits)
     rungs = work * ((2 * fbias - ulp_exponent) << mant).view(work.dtype)  # exact: times 2**-ulp_exponent
-    if noise is None:
-        rounded = torch.round(rungs)  # half to even: the even significand is the even code ...
+    if noise is not None:
+        magnitude = rungs.abs()
+        floor = magnitude.floor()
+        return work, ulp_exponent, torch.copysign(floor + (noise < magnitude - floor).to(work.dtype), rungs)
+    rounded = torch.round(rungs)  # half to even: the even significand is the even code ...
+    if field_ties:
         # ... except with no mantissa bits (E7M0), where every normal significand is 1 and the tie
         # 1.5 * 2**e goes to the neighbour whose exponent field is even.
         lower_code_even = ((ulp_exponent + field_offset) & 1) == 0
-        tie_down = (man_bits == 0) & (rungs.abs() == 1.5) & lower_code_even
-        rungs = torch.where(tie_down, torch.sign(rungs), rounded)
-    else:
-        magnitude = rungs.abs()
-        floor = magnitude.floor()
-        rungs = torch.copysign(floor + (noise < magnitude - floor).to(work.dtype), rungs)
-    return work, ulp_exponent, rungs
+        rounded = torch.where((rungs.abs() == 1.5) & lower_code_even, torch.sign(rungs), rounded)
+    return work, ulp_exponent, rounded
 
 
-def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, max_value, overflow_value,
+def _round_to_format(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, field_ties, max_value, overflow_value,
                      finite_overflow_value):
     """Q(x * scale) in the compute dtype. ``noise`` (uniform [0, 1), or None for nearest-even)."""
-    work, ulp_exponent, rungs = _rungs(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset)
+    work, ulp_exponent, rungs = _rungs(x, scale, noise, exp_lo, exp_hi, man_bits, field_offset, field_ties)
     out = rungs * (ulp_exponent << _LAYOUT[work.dtype][1]).view(work.dtype)
-    overflow = torch.where(torch.isinf(work), overflow_value, finite_overflow_value)
+    overflow = torch.where(_isinf(work), overflow_value, finite_overflow_value)
     return torch.where(out.abs() > max_value, torch.copysign(overflow, work), out)
 
 
@@ -99,47 +109,76 @@ def _quantize_kernel(x, scale, noise, **params):
     return (_round_to_format(x, scale, noise, **params) / scale).to(x.dtype)
 
 
-def _encode_kernel(x, scale, exp_lo, exp_hi, man_bits, field_offset, max_code, overflow_code, inf_code,
-                   nan_code, signed_zero: bool):
-    """uint8 codes of Q(x * scale). Codes count rungs: a magnitude's code is its rung count within
-    its binade plus 2**M per binade above the lowest, so no float-to-bits decoding is needed."""
-    work, ulp_exponent, rungs = _rungs(x, scale, None, exp_lo, exp_hi, man_bits, field_offset)
+def _encode_kernel(x, scale, **code_params):
+    """uint8 codes of Q(x * scale)."""
+    return _code_numbers(x, scale, **code_params).to(torch.uint8)
+
+
+def _code_numbers(x, scale, exp_lo, exp_hi, man_bits, field_offset, field_ties, max_code, overflow_code,
+                  inf_code, nan_code, signed_zero: bool):
+    """The codes of Q(x * scale) as numbers in the compute dtype (exact: they are below 256), which
+    vectorizes far better than selecting among integer codes. Codes count rungs: a magnitude's code is
+    its rung count within its binade plus 2**M per binade above the lowest, so no float-to-bits
+    decoding is needed."""
+    work, ulp_exponent, rungs = _rungs(x, scale, None, exp_lo, exp_hi, man_bits, field_offset, field_ties)
     binades_up = ulp_exponent - (exp_lo - man_bits)
-    magnitude = (binades_up << man_bits).to(work.dtype) + rungs.abs()
-    code = torch.where(magnitude > max_code, overflow_code, magnitude.clamp(max=max_code).to(torch.int32))
-    code = torch.where(torch.isinf(work), inf_code, code)
-    code = torch.where(torch.isnan(work), nan_code, code)
+    code = (binades_up << man_bits).to(work.dtype) + rungs.abs()
+    code = torch.where(code > max_code, overflow_code, code)
+    code = torch.where(_isinf(work), inf_code, code)
+    code = torch.where(_isnan(work), nan_code, code)
     negative = work.view(_LAYOUT[work.dtype][0]) < 0  # the sign bit, so -0.0 too
     if not signed_zero:
         negative = negative & (code != 0)
-    return (code | (negative.to(torch.int32) << 7)).to(torch.uint8)
+    return torch.where(negative, code + 128, code)
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(kernel):
-    return torch.compile(kernel, dynamic=True, fullgraph=True)
+    # Each input dtype and static option (saturate, E7M0's ties, ...) is a graph of its own: a long test
+    # or sweep process can pass dynamo's default limit of 8 per kernel, and hitting it turns compiling off.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # emulate_precision_casts: without it Inductor keeps a cast to bf16/fp16 and back in float32,
+    # which would make the native formats' rounding a no-op.
+    return torch.compile(kernel, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
 
 
 def _compile_enabled() -> bool:
     return os.environ.get("ALTGRAD_COMPILE", "1") != "0"
 
 
-def _run(kernel, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Run ``kernel`` fused through torch.compile on large inputs, eagerly otherwise or on failure."""
-    if x.numel() >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling():
+def _run(kernel, x: torch.Tensor, *args, **kwargs):
+    """``kernel(x, ...)`` on x flattened and detached (neither a view nor requiring grad), so that one
+    compiled graph serves every tensor; the first (or only) output comes back in x's shape."""
+    flat = x.reshape(-1).detach()
+    out = _call(kernel, flat.numel(), flat, *args, **kwargs)
+    return (out[0].view(x.shape), *out[1:]) if isinstance(out, tuple) else out.view(x.shape)
+
+
+def _call(kernel, size: int, *args, **kwargs):
+    """``kernel(*args, **kwargs)``, which reads ``size`` elements: fused through torch.compile when
+    that is large, eagerly otherwise or on failure."""
+    if size >= COMPILE_MIN_NUMEL and _compile_enabled() and not torch.compiler.is_compiling():
         try:
-            return _compiled(kernel)(x, *args, **kwargs)
+            return _compiled(kernel)(*args, **kwargs)
         except Exception as error:  # no C++ compiler, unsupported device, ...: stay correct, warn once
             os.environ["ALTGRAD_COMPILE"] = "0"
             warnings.warn(f"altgrad: torch.compile failed ({error!s:.200}); quantizing eagerly from now on")
-    return kernel(x, *args, **kwargs)
+    return kernel(*args, **kwargs)
 
 
 def _scale_tensor(scale, like: torch.Tensor) -> torch.Tensor:
     dtype = _compute_dtype(like.dtype)
-    if scale is None:
-        return torch.ones((), dtype=dtype, device=like.device)
-    return torch.as_tensor(scale, dtype=dtype, device=like.device)
+    return _one(dtype, like.device) if scale is None else torch.as_tensor(scale, dtype=dtype, device=like.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _one(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.ones((), dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def _max_value(fmt: FPFormat, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(fmt.max_value, dtype=dtype, device=device)
 
 
 def _check_input(x: torch.Tensor, what: str) -> None:
@@ -168,7 +207,7 @@ def quantize(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", sat
     otherwise overflow follows the format (ieee ±inf, fn NaN, finite ±max). NaN stays NaN, and ±inf
     stays ±inf where the format has inf. fp32/bf16/fp16 use torch's own casts.
     """
-    return _quantize(x, fmt, scale, rounding, saturate, generator, with_stats=False)
+    return _quantize(x, fmt, scale=scale, rounding=rounding, saturate=saturate, generator=generator)
 
 
 def quantize_with_stats(x: torch.Tensor, fmt, *, scale=None, rounding: str = "nearest", saturate: bool = False,
@@ -177,17 +216,20 @@ def quantize_with_stats(x: torch.Tensor, fmt, *, scale=None, rounding: str = "ne
     a float32 tensor ``[amax(|x|), overflow, underflow, nan]`` where overflow counts ``|x * scale| >
     max`` (before saturation), underflow counts non-zero x rounded to zero, and nan counts NaN results.
     It stays on x's device: reading it is the caller's one host sync."""
-    return _quantize(x, fmt, scale, rounding, saturate, generator, with_stats=True)
+    return _quantize(x, fmt, scale=scale, rounding=rounding, saturate=saturate, generator=generator,
+                     with_stats=True)
+
+
+def _count(mask: torch.Tensor) -> torch.Tensor:
+    """How many entries of ``mask`` are true. In int32 below 2**31 elements: exact, and it vectorizes
+    better in a fused kernel than a bool sum's int64."""
+    return mask.sum(dtype=torch.int32 if mask.numel() < 2**31 else torch.int64)
 
 
 def _stats(x, quantized, scale, max_value):
     magnitude = x.to(scale.dtype).abs()
-    return torch.stack([
-        magnitude.amax(),
-        (magnitude * scale > max_value).sum(),
-        ((x != 0) & (quantized == 0)).sum(),
-        quantized.isnan().sum(),
-    ]).float()
+    counts = (magnitude * scale > max_value, (x != 0) & (quantized == 0), _isnan(quantized))
+    return torch.stack([magnitude.amax().float(), *(_count(c).float() for c in counts)])
 
 
 def _quantize_stats_kernel(x, scale, noise, **params):
@@ -198,7 +240,7 @@ def _quantize_stats_kernel(x, scale, noise, **params):
 def _native_kernel(x, scale, max_value, dtype: torch.dtype, saturate: bool):
     work = x * scale
     if saturate:  # clamp finite overflow; ±inf stays ±inf
-        work = torch.where(torch.isinf(work), work, work.clamp(-max_value, max_value))
+        work = torch.where(_isinf(work), work, work.clamp(-max_value, max_value))
     return (work.to(dtype).to(x.dtype) / scale).to(x.dtype)
 
 
@@ -207,31 +249,48 @@ def _native_stats_kernel(x, scale, max_value, dtype: torch.dtype, saturate: bool
     return quantized, _stats(x, quantized, scale, max_value)
 
 
-def _quantize(x, fmt, scale, rounding, saturate, generator, with_stats: bool):
+def _with_epilogue(x, *args, stats_kernel, epilogue, epilogue_args, **kwargs):
+    """``stats_kernel``, then ``epilogue(stats, *epilogue_args)``, which updates tensors in place, in the
+    same call: compiled, the epilogue's small updates (a scaler's amax history, say) add no dispatches
+    of their own. Its tensors must not alias the kernel's arguments (that costs dynamo dearly)."""
+    quantized, stats = stats_kernel(x, *args, **kwargs)
+    epilogue(stats, *epilogue_args)
+    return quantized, stats
+
+
+def _quantize(x, fmt, *, scale=None, rounding="nearest", saturate=False, generator=None, with_stats=False,
+              epilogue=None, epilogue_args=()):
+    """:func:`quantize`, or with ``with_stats`` :func:`quantize_with_stats`, which an ``epilogue``
+    implies (see :func:`_with_epilogue`)."""
     fmt = get_format(fmt)
     _check_input(x, "quantize")
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding={rounding!r} is not one of {', '.join(ROUNDINGS)}")
+    with_stats = with_stats or epilogue is not None
     scale_tensor = _scale_tensor(scale, x)
+    if fmt.is_native:
+        if rounding != "nearest":
+            raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, a native torch cast")
+        if fmt.torch_dtype == x.dtype and not with_stats:  # a dtype rounded to itself: the identity
+            return x
+        kernel = _native_stats_kernel if with_stats else _native_kernel
+        args = (scale_tensor, _max_value(fmt, scale_tensor.dtype, x.device))
+        kwargs = {"dtype": fmt.torch_dtype, "saturate": saturate}
+    else:
+        noise = None
+        if rounding == "stochastic":
+            noise = torch.rand(x.numel(), generator=generator, device=x.device, dtype=scale_tensor.dtype)
+        kernel = _quantize_stats_kernel if with_stats else _quantize_kernel
+        args, kwargs = (scale_tensor, noise), _format_params_on(fmt, saturate, x)
+    if epilogue is not None:
+        kwargs = {**kwargs, "stats_kernel": kernel, "epilogue": epilogue, "epilogue_args": epilogue_args}
+        kernel = _with_epilogue
     with torch.no_grad():
-        if fmt.is_native:
-            if rounding != "nearest":
-                raise ValueError(f"rounding={rounding!r} is not available for {fmt.name}, a native torch cast")
-            max_value = torch.tensor(fmt.max_value, dtype=scale_tensor.dtype, device=x.device)
-            if fmt.torch_dtype == x.dtype and not with_stats:  # a dtype rounded to itself: the identity
-                return x
-            kernel = _native_stats_kernel if with_stats else _native_kernel
-            out = _run(kernel, x, scale_tensor, max_value, dtype=fmt.torch_dtype, saturate=saturate)
-        else:
-            noise = None
-            if rounding == "stochastic":
-                noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=scale_tensor.dtype)
-            kernel = _quantize_stats_kernel if with_stats else _quantize_kernel
-            out = _run(kernel, x, scale_tensor, noise, **_format_params_on(fmt, saturate, x))
-    quantized, stats = out if with_stats else (out, None)
+        out = _run(kernel, x, *args, **kwargs)
+    quantized, *rest = out if with_stats else (out,)
     if x.requires_grad and torch.is_grad_enabled():
         quantized = _StraightThrough.apply(x, quantized)
-    return (quantized, stats) if with_stats else quantized
+    return (quantized, *rest) if with_stats else quantized
 
 
 def ulp(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
@@ -250,16 +309,17 @@ def ulp(x: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _code_params(fmt: FPFormat, saturate: bool, nan_code: int, device: torch.device) -> dict[str, torch.Tensor]:
+def _code_params(fmt: FPFormat, saturate: bool, nan_code: int, compute_dtype: torch.dtype,
+                 device: torch.device) -> dict[str, torch.Tensor]:
     """The format's code layout as 0-d tensors: the highest finite magnitude code, and the codes that
     overflow, ±inf and NaN take under the format's rules (or ``saturate``)."""
-    params = _format_params(fmt, saturate, torch.float32, device)
-    as_int = functools.partial(torch.tensor, dtype=torch.int32, device=device)
+    params = _format_params(fmt, saturate, compute_dtype, device)
+    as_code = functools.partial(torch.tensor, dtype=compute_dtype, device=device)
     max_code = fmt._num_finite_magnitudes - 1
     inf_code = {"ieee": ((1 << fmt.exp_bits) - 1) << fmt.man_bits, "fn": 0x7F, "finite": max_code}[fmt.special]
-    return {**{k: params[k] for k in ("exp_lo", "exp_hi", "man_bits", "field_offset")},
-            "max_code": as_int(max_code), "overflow_code": as_int(max_code if saturate else inf_code),
-            "inf_code": as_int(inf_code), "nan_code": as_int(nan_code)}
+    return {**{k: params[k] for k in ("exp_lo", "exp_hi", "man_bits", "field_offset", "field_ties")},
+            "max_code": as_code(max_code), "overflow_code": as_code(max_code if saturate else inf_code),
+            "inf_code": as_code(inf_code), "nan_code": as_code(nan_code)}
 
 
 def encode(x: torch.Tensor, fmt, *, scale=None, saturate: bool = False, nan_code: int | None = None,
@@ -282,7 +342,7 @@ def encode(x: torch.Tensor, fmt, *, scale=None, saturate: bool = False, nan_code
         nan_code = 0x7F
     with torch.no_grad():
         return _run(_encode_kernel, x, _scale_tensor(scale, x), signed_zero=signed_zero,
-                    **_code_params(fmt, saturate, nan_code, x.device))
+                    **_code_params(fmt, saturate, nan_code, _compute_dtype(x.dtype), x.device))
 
 
 def decode(codes: torch.Tensor, fmt, *, scale=None) -> torch.Tensor:

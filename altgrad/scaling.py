@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from altgrad.formats import FPFormat, get_format
-from altgrad.quantize import quantize, quantize_with_stats
+from altgrad.quantize import _max_value, _quantize, quantize, quantize_with_stats
 
 RECIPES = ("delayed", "current", "none")
 AMAX_ALGOS = ("max", "most_recent")
@@ -49,12 +49,35 @@ def scale_from_amax(amax: torch.Tensor, fmt: FPFormat | str, *, margin: int = 0,
     """``fmt.max_value / amax / 2**margin``; where amax is 0 or not finite, ``previous`` (default 1)."""
     fmt = get_format(fmt)
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    scale = fmt.max_value / amax / 2.0**margin
+    fallback = torch.ones_like(amax) if previous is None else previous
+    return _scale_from(amax, fmt.max_value, margin, power_of_two, fallback)
+
+
+def _scale_from(amax, max_value, margin: int, power_of_two: bool, fallback):
+    # max_value / amax as torch computes it for a Python float max_value: 1 / amax, times max_value.
+    scale = amax.reciprocal() * max_value / 2.0**margin
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
-    fallback = torch.ones_like(scale) if previous is None else previous.to(scale)
     usable = (amax > 0) & torch.isfinite(amax) & torch.isfinite(scale) & (scale > 0)
-    return torch.where(usable, scale, fallback)
+    return torch.where(usable, scale, fallback.to(scale))
+
+
+def _record_amax(stats, history, scale, max_value, margin: int, power_of_two: bool, most_recent: bool, counts):
+    """Delayed scaling's update after a quantizing pass with the current ``scale``: push its amax
+    (``stats[0]``) onto ``history``, add to ``counts`` unless it is None, and move ``scale`` to the one
+    the history calls for, all in place. Pure tensor code, so that it runs inside the pass's compiled
+    kernel (see ``quantize._with_epilogue``)."""
+    history.copy_(torch.cat([stats[:1], history[:-1]]))
+    new_scale = _scale_from(stats[0] if most_recent else history.max(), max_value, margin, power_of_two, scale)
+    if counts is not None:
+        _add_counts(counts, stats, scale)
+    scale.copy_(new_scale)
+
+
+def _add_counts(counts, stats, scale):
+    """Add a pass's overflow, underflow and NaN counts (``stats[1:]``) to ``counts[:3]``; set ``counts[3:]``
+    to its amax and scale."""
+    counts.copy_(torch.cat([counts[:3] + stats[1:], stats[:1], scale.reshape(1)]))
 
 
 class Scaler(torch.nn.Module):
@@ -83,25 +106,35 @@ class Scaler(torch.nn.Module):
             return fresh
         return torch.where(self.observed, self.scale, fresh)  # delayed; own amax on the very first call
 
-    def quantize(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+    def quantize(self, x: torch.Tensor, *, counts: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Quantize ``x`` with this point's scale, then record its amax for later calls. Under delayed
-        scaling the amax comes from the quantizing pass itself, so the tensor is read once.
-        ``last_scale`` and ``last_stats`` keep what this call used and counted (``[amax, overflow,
-        underflow, nan]``, see :func:`~altgrad.quantize.quantize_with_stats`); None for fp32."""
+        scaling the amax comes from the quantizing pass itself, so the tensor is read once, and the
+        history and scale move inside that pass. ``last_scale`` and ``last_stats`` keep what this call
+        used and counted (``[amax, overflow, underflow, nan]``, see
+        :func:`~altgrad.quantize.quantize_with_stats`); None for fp32.
+
+        ``counts``, a float64 tensor ``[overflow, underflow, nan, amax, scale]``, accumulates on the
+        device: this call adds its counts to the first three and sets the last two (unused for fp32)."""
         if self.fmt.name == "fp32":
             self.last_scale = self.last_stats = None
             return quantize(x, self.fmt, **kwargs)
         recipe = self.config.recipe
-        if recipe == "current" or (recipe == "delayed" and not self._has_history()):
-            scale = self.next_scale(x.detach().abs().amax().float())
+        if recipe == "delayed" and self._has_history():
+            scale = self.scale.clone()  # what this pass uses: the buffer moves on inside it
+            quantized, stats = _quantize(x, self.fmt, scale=scale, epilogue=_record_amax,
+                                         epilogue_args=self._record_args(counts), **kwargs)
         else:
-            scale = self.scale.clone() if recipe == "delayed" else None  # a copy: _record updates in place
-        quantized, stats = quantize_with_stats(x, self.fmt, scale=scale, **kwargs)
-        with torch.no_grad():
-            if recipe == "delayed":
-                self._record(stats[0])
-            elif recipe == "current":
-                self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
+            scale = None if recipe == "none" else self.next_scale(x.detach().abs().amax().float())
+            quantized, stats = quantize_with_stats(x, self.fmt, scale=scale, **kwargs)
+            with torch.no_grad():
+                if recipe == "delayed":  # the first call: its own amax opens the history
+                    _record_amax(stats, *self._record_args(None))
+                    self.observed.fill_(True)
+                    self._history_seen = True
+                elif recipe == "current":
+                    self.scale.copy_(scale)  # readers of .scale (optimizers, flip tracking) see what was used
+                if counts is not None:
+                    _add_counts(counts, stats, stats.new_ones(()) if scale is None else scale)
         self.last_scale, self.last_stats = scale, stats
         return quantized
 
@@ -119,12 +152,9 @@ class Scaler(torch.nn.Module):
         return scale_from_amax(amax, self.fmt, margin=self.config.margin,
                                power_of_two=self.config.power_of_two, previous=self.scale)
 
-    def _record(self, amax: torch.Tensor) -> None:
-        self.amax_history.copy_(torch.roll(self.amax_history, 1))
-        self.amax_history[0] = amax
-        history_amax = self.amax_history.max() if self.config.amax_compute == "max" else amax
-        self.scale.copy_(self._scale_for(history_amax))
-        self.observed.fill_(True)
+    def _record_args(self, counts: torch.Tensor | None) -> tuple:
+        return (self.amax_history, self.scale, _max_value(self.fmt, torch.float32, self.scale.device),
+                self.config.margin, self.config.power_of_two, self.config.amax_compute == "most_recent", counts)
 
     def extra_repr(self) -> str:
         return f"{self.fmt.name}, {self.config}"

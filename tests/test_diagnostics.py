@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import altgrad.quantize as quantize_module
 from altgrad.diagnostics import (CLOBBER_KEYS, RANK_KEYS, FlipTracker, RankTrendConfig, RankTrendDetector,
                                  critical_layer_metrics, gradient_topk_share, principal_subspace_angle,
                                  rank_metrics, stall_ratio)
@@ -98,10 +99,38 @@ def test_stall_ratio_edge_cases():
     assert math.isnan(stall_ratio(math.nan, 10))
 
 
+def test_compiled_measure_matches_eager(monkeypatch):
+    """8-bit weights go through one fused, compiled call (after the first measure, which runs eagerly)."""
+    monkeypatch.setattr(quantize_module, "COMPILE_MIN_NUMEL", 0)
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ALTGRAD_COMPILE", flag)
+        generator = torch.Generator().manual_seed(2)
+        weights = [torch.nn.Parameter(torch.randn(24, 40, generator=generator) * 0.05) for _ in range(4)]
+        tracker = FlipTracker()
+        for i, (weight, spec) in enumerate(zip(weights, ["E4M3", "E2M5", "fp16", "E5M2"])):
+            tracker.track(str(i), weight, spec, torch.tensor(30.0) if i == 0 else None)
+        counts = []
+        for step in range(3):
+            for weight in weights:
+                sgd_step(weight, generator, lr=0.01)
+            weights[3].grad = None  # a weight without a gradient
+            with torch.no_grad():
+                weights[1][0, step] = math.nan
+            counts.append(tracker.measure())
+        runs.append((counts, tracker.state_dict()))
+    (eager, eager_codes), (compiled, compiled_codes) = runs
+    assert str(eager) == str(compiled)  # NaN at the first measure compares equal as text
+    assert all(torch.equal(eager_codes[name], compiled_codes[name]) for name in eager_codes)
+
+
 # ---- rank metrics ---------------------------------------------------------------------------------
 
-def numpy_rank_metrics(matrix: np.ndarray) -> tuple[float, float, float]:
+def numpy_rank_metrics(matrix: np.ndarray, floor: bool = False) -> tuple[float, float, float]:
+    """From a float64 SVD; ``floor`` zeroes the singular values below numpy's matrix_rank tolerance in float32."""
     s = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    if floor:
+        s = np.where(s > s[0] * max(matrix.shape) * np.finfo(np.float32).eps, s, 0.0)
     if s[0] == 0:
         return 0.0, 0.0, 0.0
     p = s / s.sum()
@@ -135,6 +164,33 @@ def test_rank_metrics_match_numpy(case):
     assert ours == pytest.approx({"stable_rank": stable, "effective_rank": effective, "spectral_norm": spectral},
                                  rel=1e-4, abs=0)
     assert all(type(value) is float for value in ours.values())
+
+
+def hard_matrix_cases() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(6)
+    ill = orthonormal(rng, 300, 120) @ np.diag(np.logspace(0, -6, 120)) @ orthonormal(rng, 120, 120).T
+    return {
+        "ill-conditioned tall": ill,
+        "ill-conditioned wide": ill.T,
+        "rank 5 of 150 x 90": rng.standard_normal((150, 5)) @ rng.standard_normal((5, 90)),
+        "E4M3 weights": quantize(torch.tensor(rng.standard_normal((96, 200)) * 0.02, dtype=torch.float32), "E4M3",
+                                 scale=5000.0, saturate=True).double().numpy(),
+    }
+
+
+@pytest.mark.parametrize("case", hard_matrix_cases())
+def test_gram_spectra_are_as_accurate_as_an_svd(case):
+    """The spectra come from the float64 Gram matrix: check them where squaring the condition number
+    would hurt in float32, and where the noise floor decides the effective rank."""
+    matrix = torch.tensor(hard_matrix_cases()[case], dtype=torch.float32)
+    expected = dict(zip(RANK_KEYS, numpy_rank_metrics(matrix.double().numpy(), floor=True)))
+    assert rank_metrics(matrix) == pytest.approx(expected, rel=1e-6, abs=0)
+    metrics, basis = critical_layer_metrics(matrix, grad=matrix, k=4)
+    assert {key: metrics[key] for key in RANK_KEYS} == pytest.approx(expected, rel=1e-6, abs=0)
+    assert metrics["grad_topk_share"] == pytest.approx(sum(s**2 for s in np.linalg.svd(matrix.double().numpy(),
+                                                       compute_uv=False)[:4]) / (matrix.double() ** 2).sum().item())
+    u = np.linalg.svd(matrix.double().numpy())[0][:, :4]
+    assert numpy_largest_angle_deg(basis.double().numpy(), u) == pytest.approx(0.0, abs=0.1)
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])

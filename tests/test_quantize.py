@@ -14,7 +14,7 @@ import torch
 
 import altgrad.quantize as quantize_module
 from altgrad.formats import EIGHT_BIT_NAMES, get_format
-from altgrad.quantize import decode, encode, quantize, ulp
+from altgrad.quantize import decode, encode, quantize, quantize_with_stats, ulp
 
 # NaN and inf inputs are on purpose: numpy's warnings about casting them are noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -158,21 +158,24 @@ def test_encode_refuses_nan_for_a_format_without_nan():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-def test_other_input_dtypes_keep_their_dtype_and_round_the_same(dtype):
+def test_other_input_dtypes_keep_their_dtype_and_round_the_same(dtype, path):
     x = torch.linspace(-300, 300, 4001, dtype=torch.float64).to(dtype)
     q = quantize(x, "E4M3")
     assert q.dtype == dtype and q.shape == x.shape
     # float64 rounds in float64 (no double rounding through float32): compare with the grid search.
     expected = brute_force("E4M3", x.double().numpy())
     assert torch.equal(q.double(), torch.from_numpy(expected).double())
+    exact = x.float().to(dtype)  # float32 values, so that encoding them in float32 changes nothing
+    assert torch.equal(encode(exact, "E4M3"), encode(exact.float(), "E4M3"))
 
 
 @pytest.mark.parametrize("name", ["bf16", "fp16", "fp32"])
-def test_native_formats_use_torch_casts(name):
-    x = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1e3
+@pytest.mark.parametrize("input_dtype", [torch.float32, torch.float64])
+def test_native_formats_use_torch_casts(name, input_dtype, path):
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(0), dtype=input_dtype) * 1e3
     dtype = get_format(name).torch_dtype
-    assert torch.equal(quantize(x, name), x.to(dtype).double())
-    assert torch.equal(quantize(x, name, scale=8.0), (x * 8).to(dtype).double() / 8)
+    assert torch.equal(quantize(x, name), x.to(dtype).to(input_dtype))
+    assert torch.equal(quantize(x, name, scale=8.0), (x * 8).to(dtype).to(input_dtype) / 8)
     big = torch.tensor([1e39, -1e39], dtype=torch.float64)
     assert quantize(big, name, saturate=True).abs().max() == get_format(name).max_value
 
@@ -233,6 +236,28 @@ def test_stochastic_compiled_equals_eager(monkeypatch):
     monkeypatch.setattr(quantize_module, "COMPILE_MIN_NUMEL", 0)
     compiled = quantize(x, "E5M2", rounding="stochastic", generator=torch.Generator().manual_seed(3))
     assert torch.equal(eager, compiled)
+
+
+@pytest.mark.parametrize("spec", ["E4M3", "E5M2", "E2M5", "E7M0", "fp16"])
+def test_stats_count_what_they_say_compiled_and_eager(spec, monkeypatch):
+    fmt = get_format(spec)
+    x = torch.randn(3000, generator=torch.Generator().manual_seed(5)) * fmt.max_value / 4
+    x[:7] = fmt.max_value * 3  # overflow once scaled by 2
+    x[7:12] = fmt.min_subnormal / 8  # underflow, at any scale up to 2
+    x[12:14] = torch.tensor([float("nan"), float("inf")])
+    scale = torch.tensor(2.0)
+    results = {}
+    for mode in ("eager", "compiled"):
+        monkeypatch.setenv("ALTGRAD_COMPILE", "0" if mode == "eager" else "1")
+        monkeypatch.setattr(quantize_module, "COMPILE_MIN_NUMEL", 0)
+        results[mode] = quantize_with_stats(x, spec, scale=scale, saturate=True)
+    (q, stats), (q_compiled, stats_compiled) = results.values()
+    assert_same_floats(q_compiled, q.numpy(), x.numpy())
+    assert_same_floats(quantize(x, spec, scale=scale, saturate=True), q.numpy(), x.numpy())
+    torch.testing.assert_close(stats_compiled, stats, rtol=0, atol=0, equal_nan=True)  # amax is NaN here
+    magnitude = x.abs()
+    expected = [magnitude.max(), (magnitude * 2 > fmt.max_value).sum(), ((x != 0) & (q == 0)).sum(), q.isnan().sum()]
+    assert stats.tolist() == pytest.approx([float(v) for v in expected], nan_ok=True)
 
 
 @pytest.mark.parametrize("kwargs,fragment", [({"rounding": "up"}, "rounding"), ({}, "floating-point")])

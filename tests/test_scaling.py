@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import altgrad.quantize as quantize_module
 from altgrad.formats import get_format
 from altgrad.quantize import quantize
 from altgrad.scaling import Scaler, ScalingConfig, scale_from_amax
@@ -73,3 +74,27 @@ def test_bad_config_is_rejected():
     for kwargs in ({"recipe": "sometimes"}, {"amax_compute": "mean"}, {"history_len": 0}):
         with pytest.raises(ValueError):
             ScalingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("spec,config", [
+    ("E4M3", ScalingConfig()),
+    ("E5M2", ScalingConfig(history_len=2, amax_compute="most_recent", margin=1, power_of_two=True)),
+    ("fp16", ScalingConfig(recipe="current")),
+])
+def test_compiled_scaler_matches_eager_with_its_history_and_counts(spec, config, monkeypatch):
+    """Under delayed scaling the history and scale move inside the compiled quantizing pass."""
+    monkeypatch.setattr(quantize_module, "COMPILE_MIN_NUMEL", 0)
+    runs = []
+    for flag in ("0", "1"):
+        monkeypatch.setenv("ALTGRAD_COMPILE", flag)
+        scaler, counts, steps = Scaler(spec, config), torch.zeros(5, dtype=torch.float64), []
+        for seed, magnitude in enumerate((1.0, 30.0, 0.01, 5.0)):
+            q = scaler.quantize(tiny_tensor(seed, magnitude), saturate=True, counts=counts)
+            steps.append([q, scaler.last_scale, scaler.last_stats, scaler.amax_history, scaler.scale, counts])
+            steps[-1] = [t.clone() for t in steps[-1]]
+        runs.append(steps)
+    for eager, compiled in zip(*runs):
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+    counts, last_scale = runs[0][-1][-1], runs[0][-1][1]
+    assert counts[:3].tolist() == sum(step[2][1:].double() for step in runs[0]).tolist()
+    assert counts[3:].tolist() == [runs[0][-1][2][0].item(), last_scale.item()]
