@@ -45,7 +45,7 @@ def _cmd_formats(args) -> int:
 
 def _cmd_train(args) -> int:
     from altgrad import results
-    from altgrad.config import load_cell, parse_overrides
+    from altgrad.config import load_cell
     from altgrad.trainer import Trainer
 
     cell = load_cell(args.cell, args.set)
