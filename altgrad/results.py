@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +26,7 @@ import pyarrow.parquet as pq
 TABLES = ("trials", "steps", "layers")
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+_TIME = pa.timestamp("ms", tz="UTC")  # rows carry Unix seconds; to_table converts
 
 # Contract columns first (CONTRACT.md section 5), then additions. Types are fixed so that every trial's
 # file has the same schema, whatever its values (an all-NaN column stays float64, a missing step int64).
@@ -35,6 +37,7 @@ SCHEMAS = {
         ("final_train_loss", _F64), ("final_val_loss", _F64), ("best_val_loss", _F64),
         ("first_warning_step", _I64), ("wall_time_s", _F64), ("node_id", _STR),
         ("sweep", _STR), ("ulp_lr", _F64), ("steps_planned", _I64), ("error", _STR), ("config", _STR),
+        ("started_at", _TIME), ("ended_at", _TIME),
     ]),
     "steps": pa.schema([
         ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("train_loss", _F64),
@@ -64,16 +67,67 @@ def to_table(table: str, rows: list[dict]) -> pa.Table:
     """Rows (dicts) as a table of ``table``'s schema; absent keys are null."""
     schema = SCHEMAS[table]
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
+    for field in schema:
+        if pa.types.is_timestamp(field.type):
+            columns[field.name] = [_utc(value) for value in columns[field.name]]
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def write_rows(root: str, table: str, trial_id: str, rows: list[dict]) -> None:
-    """Atomically replace ``<root>/<table>/<trial_id>.parquet`` with ``rows``."""
+def _utc(seconds: float | None) -> datetime | None:
+    """Unix seconds (what rows and Ray reports carry) as an aware UTC datetime; NaN/None is null."""
+    if seconds is None or seconds != seconds:
+        return None
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+class RowLog:
+    """One trial's rows of one table, in order: appended as dicts (the last may still change), converted
+    to Arrow once each at the next :meth:`arrow`. Rewriting the trial's file or checkpointing its rows
+    then converts only the rows new since the last flush, not all of them."""
+
+    def __init__(self, table: str):
+        self.table = table
+        self.rows: list[dict] = []
+        self._arrow = to_table(table, [])
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+    def arrow(self) -> pa.Table:
+        """Every row as a table; rows before this call must not change after it."""
+        if self._arrow.num_rows < len(self.rows):
+            new = to_table(self.table, self.rows[self._arrow.num_rows:])
+            self._arrow = pa.concat_tables([self._arrow, new])
+        return self._arrow
+
+    def to_bytes(self) -> bytes:
+        """The rows as an Arrow IPC stream: one object for a checkpoint, whatever the row count."""
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, self._arrow.schema) as writer:
+            writer.write_table(self.arrow())
+        return sink.getvalue().to_pybytes()
+
+    @classmethod
+    def from_bytes(cls, table: str, data: bytes) -> RowLog:
+        log = cls(table)
+        log._arrow = pa.ipc.open_stream(data).read_all()
+        log.rows = log._arrow.to_pylist()
+        return log
+
+
+def write_rows(root: str, table: str, trial_id: str, rows: list[dict] | pa.Table) -> None:
+    """Atomically replace ``<root>/<table>/<trial_id>.parquet`` with ``rows`` (dicts or a table)."""
     fs, base = _filesystem(root)
     directory = f"{base}/{table}"
     fs.create_dir(directory, recursive=True)
     final = f"{directory}/{trial_id}.parquet"
-    data = to_table(table, rows)
+    data = rows if isinstance(rows, pa.Table) else to_table(table, rows)
     if isinstance(fs, pafs.LocalFileSystem):
         hidden = f"{directory}/.{trial_id}.{uuid.uuid4().hex}.tmp"
         pq.write_table(data, hidden, filesystem=fs)

@@ -99,6 +99,7 @@ class Trainer:
 
     def __init__(self, cell: CellConfig, *, trial_id: str, results_root: str | None = None,
                  checkpoint_path: str | Path | None = None, progress: bool = True, sweep: str | None = None):
+        started_at = time.time()
         self.cell, self.trial_id, self.results_root, self.sweep = cell, trial_id, results_root, sweep
         self.checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
         self.progress = progress
@@ -124,10 +125,10 @@ class Trainer:
         self.critical = [name for name in self.layers if self.detector.is_critical(name)]
         self.bases: dict[str, torch.Tensor | None] = {}
         self.interval = _Interval(self.layers)
-        self.rows: dict[str, list[dict]] = {"steps": [], "layers": []}
+        self.rows = {table: results.RowLog(table) for table in ("steps", "layers")}
         self.step = 0
         self.state = {"best_val_loss": NAN, "final_val_loss": NAN, "first_warning_step": None, "wall_time_s": 0.0,
-                      "rank_warnings": 0, "stop_reason": None}
+                      "rank_warnings": 0, "stop_reason": None, "started_at": started_at, "ended_at": None}
 
     # ---- construction --------------------------------------------------------------------------
     def _param_groups(self) -> list[dict]:
@@ -153,6 +154,7 @@ class Trainer:
         while self.step < cell.steps and self.state["stop_reason"] is None:
             row = self._train_step()
             self.state["wall_time_s"] = time.perf_counter() - started
+            self.state["ended_at"] = time.time()
             if not math.isfinite(row["train_loss"]):
                 self.state["stop_reason"] = "diverged"
             if self.step % cell.eval_every == 0 or self.step == cell.steps or self.state["stop_reason"]:
@@ -298,6 +300,7 @@ class Trainer:
             "final_train_loss": steps[-1]["train_loss"] if steps else NAN, "final_val_loss": self.state["final_val_loss"],
             "best_val_loss": self.state["best_val_loss"], "first_warning_step": self.state["first_warning_step"],
             "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "sweep": self.sweep, "error": error,
+            "started_at": self.state["started_at"], "ended_at": self.state["ended_at"],
             "config": json.dumps(cell.to_dict(), sort_keys=True, default=list),
         }
 
@@ -306,7 +309,7 @@ class Trainer:
         """Rewrite this trial's step and layer files from the complete row lists."""
         if self.results_root:
             for table, rows in self.rows.items():
-                results.write_rows(self.results_root, table, self.trial_id, rows)
+                results.write_rows(self.results_root, table, self.trial_id, rows.arrow())
 
     def _save_checkpoint(self) -> Path:
         state = {
@@ -314,7 +317,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "batches": self.batches.get_state(),
             "torch_rng": torch.get_rng_state(), "flips": self.flips.state_dict(),
             "detector": self.detector.state_dict(), "bases": self.bases, "interval": self.interval.sums,
-            "rows": self.rows, "state": self.state,
+            "rows": {table: rows.to_bytes() for table, rows in self.rows.items()}, "state": self.state,
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.checkpoint_path.with_name(f".{self.checkpoint_path.name}.tmp")
@@ -333,4 +336,5 @@ class Trainer:
         self.flips.load_state_dict(state["flips"])
         self.detector.load_state_dict(state["detector"])
         self.bases, self.interval.sums = state["bases"], state["interval"]
-        self.rows, self.state = state["rows"], state["state"]
+        self.rows = {table: results.RowLog.from_bytes(table, data) for table, data in state["rows"].items()}
+        self.state = state["state"]

@@ -166,6 +166,9 @@ def test_a_local_sweep_lands_every_cell_with_consistent_tables(small_sweep):
     t = assert_complete(root, 4)
     assert set(t["steps"]["trial_id"]) == set(t["trials"]["trial_id"])
     assert t["trials"]["node_id"].notna().all() and t["trials"]["wall_time_s"].gt(0).all()
+    span = (t["trials"]["ended_at"] - t["trials"]["started_at"]).dt.total_seconds()
+    assert span.ge(t["trials"]["wall_time_s"] - 0.01).all()  # the stamps bracket the training loop
+    assert str(t["trials"]["started_at"].dt.tz) == "UTC"
     assert "analyse with: altgrad report" in result.stdout
 
 

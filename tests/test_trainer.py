@@ -1,6 +1,7 @@
 """The trainer end to end: a tiny model on the builtin corpus, every optimizer, tables and resume."""
 
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -75,10 +76,13 @@ def test_resume_from_a_checkpoint_is_bit_identical_without_duplicate_rows(tmp_pa
     cell = tiny_cell(optimizer="grid", format="E4M3", steps=60, eval_every=20,
                      diagnostics={"flips_every": 1, "rank_every": 20})
     _, straight = run(cell, tmp_path / "a")
+    first_start = time.time()
     with pytest.raises(_Crash):
         run(cell, tmp_path / "b", report=_crash_at(40))
     assert len(pd.read_parquet(tmp_path / "b" / "res" / "steps")) == 40  # flushed before the crash
+    restart = time.time()
     _, resumed = run(cell, tmp_path / "b", resume=True)  # a fresh Trainer, as after a restart
+    assert first_start <= resumed["started_at"] < restart < resumed["ended_at"]  # kept across the restart
     for table in ("steps", "layers"):
         a = pd.read_parquet(tmp_path / "a" / "res" / table).drop(columns="tokens_per_s", errors="ignore")
         b = pd.read_parquet(tmp_path / "b" / "res" / table).drop(columns="tokens_per_s", errors="ignore")
