@@ -4,10 +4,18 @@ cores were, and how many trial-steps early stopping saved.
     python benchmarks/sweep.py                      # runs sweeps/smoke.yaml into a temp dir
     python benchmarks/sweep.py sweeps/smoke.yaml --out /tmp/bench
 
-Trial time is what each trial's trainer measured (model build to last step); the overhead per trial is
-``(slots * wall - sum of trial times) / trials``, where slots is how many trials run at once, i.e.
-everything the cores spent not training: Ray start-up, actor start or reuse, imports, data loading,
-result writing, and idle slots at the end of the sweep.
+Trial time is what each trial's trainer measured over its training loop (``wall_time_s``). Everything
+else the slots spent (``slots * wall - sum of trial times``, where slots is how many trials run at once)
+is overhead, split here by the trials' ``started_at``/``ended_at`` stamps into:
+
+* Ray start-up: from the call until the first trial starts building its trainer, and shut-down after
+  the last one ends (once per sweep);
+* per-trial overhead: building the trainer (data, model, optimizer) plus the gap between a trial
+  ending and the next one starting on the same slot (Ray's scheduling, actor start or reuse);
+* tail: slots left idle at the end because no trial is left to start (set by trial lengths).
+
+Trial time itself holds a warm-up: a worker's first steps load (or, with a cold cache, build) the
+torch.compile kernels. It is shown as the first steps' time above each trial's median step.
 """
 
 from __future__ import annotations
@@ -22,6 +30,30 @@ from altgrad.sweep import load_sweep, run_sweep
 from altgrad.sweep.runner import results_root
 
 
+def per_slot_gaps(trials, slots: int) -> tuple[float, list[float]]:
+    """Sum of the gaps between consecutive trials on a slot, and each slot's last end (Unix seconds).
+
+    Trials are placed greedily in start order onto the slot that freed up first, which is how a slot
+    picks up the next pending trial."""
+    ends = [None] * slots
+    gaps = 0.0
+    for start, end in sorted(zip(trials["started_at"], trials["ended_at"])):
+        free = min(range(slots), key=lambda s: -1 if ends[s] is None else ends[s])
+        if ends[free] is not None:
+            gaps += max(0.0, start - ends[free])
+        ends[free] = end
+    return gaps, [e for e in ends if e is not None]
+
+
+def warm_up_seconds(steps, tokens_per_step: dict[str, int], first: int = 3) -> float:
+    """Time the first ``first`` steps of every trial took beyond that trial's median step."""
+    excess = 0.0
+    for trial_id, trial in steps.groupby("trial_id"):
+        seconds = tokens_per_step[trial_id] / trial.sort_values("step")["tokens_per_s"]
+        excess += float((seconds.head(first) - seconds.median()).clip(lower=0).sum())
+    return excess
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep", nargs="?", default="sweeps/smoke.yaml")
@@ -29,19 +61,35 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_sweep(args.sweep)
     out = args.out or tempfile.mkdtemp(prefix="altgrad-bench-")
-    started = time.perf_counter()
+    called = time.time()
     run_sweep(spec, out, progress=False)
-    wall = time.perf_counter() - started
+    returned = time.time()
+    wall = returned - called
     trials = results.read_table(results_root(out, spec.name), "trials")
+    for column in ("started_at", "ended_at"):
+        trials[column] = trials[column].map(lambda t: t.timestamp())
+    n = len(trials)
     cpus = (spec.resources or {"cpu": 1})["cpu"]
     slots = max(1, int((os.cpu_count() or 1) // cpus))
     busy = trials["wall_time_s"].sum()
+    setup = (trials["ended_at"] - trials["started_at"] - trials["wall_time_s"]).sum()
+    gaps, last_ends = per_slot_gaps(trials, slots)
+    start_up = trials["started_at"].min() - called
+    shut_down = returned - max(last_ends)
+    tail = sum(max(last_ends) - end for end in last_ends) + (slots - len(last_ends)) * max(last_ends)
+    tokens = {c.cell_id: c.config.batch_size * c.config.model.block_size for c in spec.cells}
+    warm_up = warm_up_seconds(results.read_table(results_root(out, spec.name), "steps"), tokens)
     saved = (trials["steps_planned"] - trials["steps_completed"])[trials["status"] == "stopped"].sum()
-    print(f"{args.sweep}: {len(trials)} trials on {os.cpu_count()} cores ({slots} at a time)")
+    print(f"{args.sweep}: {n} trials on {os.cpu_count()} cores ({slots} at a time)")
     print(f"  wall time (incl. Ray start)      {wall:8.1f} s")
     print(f"  sum of trial times               {busy:8.1f} s")
-    print(f"  overhead per trial               {(slots * wall - busy) / len(trials):8.2f} s")
+    print(f"    of which first-step warm-up    {warm_up:8.1f} s   (loading torch.compile kernels)")
     print(f"  cores busy training              {busy / (slots * wall):8.1%}")
+    print(f"  overhead per trial, all in       {(slots * wall - busy) / n:8.2f} s")
+    print(f"    per-trial (setup + gap)        {(setup + gaps) / n:8.2f} s   "
+          f"(trainer setup {setup / n:.2f} s, slot gap {gaps / n:.2f} s)")
+    print(f"    Ray start-up + shut-down       {start_up:8.1f} s + {shut_down:.1f} s, once per sweep")
+    print(f"    idle slots at the end          {tail:8.1f} s, once per sweep")
     print(f"  stopped early: {int((trials['status'] == 'stopped').sum())} trials, "
           f"{int(saved)} of {int(trials['steps_planned'].sum())} trial-steps saved")
     print(trials.groupby("status")["trial_id"].count().to_string())
