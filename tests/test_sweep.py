@@ -2,6 +2,7 @@
 (complete tables, early stopping of exactly the collapsing trial, a trial crash and a driver kill that
 both resume without duplicate or missing rows)."""
 
+import json
 import os
 import signal
 import subprocess
@@ -183,6 +184,23 @@ def test_the_scheduler_stops_the_collapsing_trials_and_only_them(small_sweep):
     assert len(stopped) >= 1 and set(stopped.index) <= set(trials.index[sensitive])
     assert (stopped["stop_reason"] == "rank_collapse").all()
     assert (stopped["steps_completed"] < 60).all() and stopped["first_warning_step"].notna().all()
+
+
+def test_a_reused_actor_starts_the_next_trial_clean(tmp_path):
+    # One trial at a time, so the second trial runs in the first one's process (reuse_actors). The two
+    # cells differ only in how they evaluate, so their training must agree bit for bit: seeds, threads
+    # and the trainer's state are the trial's own, whatever ran before it in that process.
+    path = sweep_file(tmp_path, matrix={"format": ["E4M3"], "optimizer": ["grid"], "eval_iters": [2, 3]},
+                      resources={"cpu": os.cpu_count()})
+    result = altgrad("sweep", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    t = assert_complete(tmp_path / "out" / "t", 2)
+    reports = [json.loads(line) for f in (tmp_path / "out" / "t" / "_ray").rglob("result.json")
+               for line in f.read_text().splitlines()]
+    assert len({r["trial_id"] for r in reports}) == 2 and len({r["pid"] for r in reports}) == 1
+    first, second = (g.set_index("step")[["train_loss", "grad_norm", "flips"]] for _, g in t["steps"].groupby("trial_id"))
+    pd.testing.assert_frame_equal(first, second)
+    assert t["trials"]["final_val_loss"].nunique() == 2  # the evaluations did differ
 
 
 def test_a_crashed_trial_resumes_from_its_checkpoint_without_duplicate_rows(tmp_path):
