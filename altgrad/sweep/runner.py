@@ -323,8 +323,20 @@ def _wandb_environment(mode: str, root: str) -> dict:
 def _wandb_callbacks(mode: str, group: str) -> list:
     if mode == "off":
         return []
-    from ray.air.integrations.wandb import WandbLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback, _WandbLoggingActor
 
-    return [WandbLoggerCallback(project="altgrad", group=group, excludes=["trial_summary"], log_config=True)]
+    class FlushingLoggingActor(_WandbLoggingActor):
+        """Ray kills a trial's logging actor as soon as its ``run`` returns, and ``wandb.finish`` can
+        return before wandb's service has written the run out (a killed process runs no atexit hook):
+        an offline run then holds only its header. ``teardown`` waits for the service to finish."""
+
+        def run(self):
+            super().run()
+            self._wandb.teardown()
+
+    class FlushingWandbLoggerCallback(WandbLoggerCallback):
+        _logger_actor_cls = FlushingLoggingActor
+
+    return [FlushingWandbLoggerCallback(project="altgrad", group=group, excludes=["trial_summary"], log_config=True)]
 
 
