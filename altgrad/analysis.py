@@ -348,6 +348,47 @@ def plot_benefit(results: Results) -> Figure | None:
     return fig
 
 
+def trial_lanes(trials: pd.DataFrame) -> pd.Series:
+    """A lane per trial within its node, as a slot would have run them: in start order, each trial takes
+    the lane that freed up first. Trials without both stamps (running, or written before the stamps
+    existed) get none (NaN)."""
+    lanes = pd.Series(np.nan, index=trials.index)
+    stamped = trials.dropna(subset=["started_at", "ended_at"]).sort_values("started_at")
+    ends: dict[object, list] = {}
+    for index, trial in stamped.iterrows():
+        node = ends.setdefault(trial["node_id"], [])
+        free = [lane for lane, end in enumerate(node) if end <= trial["started_at"]]
+        lane = min(free, key=node.__getitem__) if free else len(node)
+        node[lane:lane + 1] = [trial["ended_at"]]
+        lanes[index] = lane
+    return lanes
+
+
+def plot_timeline(results: Results) -> Figure | None:
+    """Each trial as a bar from its start to its end, one row per slot of each node, coloured by how it
+    ended: where the cluster sat idle, and which trials early stopping cut short."""
+    trials = results.trials.assign(lane=trial_lanes(results.trials)).dropna(subset=["lane"])
+    if trials.empty:
+        return None
+    origin = trials["started_at"].min()
+    rows = trials.groupby(["node_id", "lane"]).ngroup()
+    fig = Figure(figsize=(10, 0.35 * (rows.max() + 1) + 1.2), layout="constrained")
+    ax = fig.subplots()
+    colors = {"completed": "C2", "stopped": "C1", "error": "C3"}
+    for row, trial in zip(rows, trials.itertuples()):
+        start = (trial.started_at - origin).total_seconds()
+        ax.barh(row, (trial.ended_at - origin).total_seconds() - start, left=start, height=0.8,
+                color=colors.get(trial.status, "C7"), edgecolor="white", lw=0.5)
+    nodes = trials.groupby(["node_id", "lane"]).size().index
+    ax.set_yticks(range(len(nodes)), [f"{str(node)[:8]} / {int(lane)}" for node, lane in nodes], fontsize="small")
+    ax.invert_yaxis()
+    ax.set_xlabel("seconds since the first trial started")
+    ax.set_ylabel("node / slot")
+    handles = [Line2D([], [], color=color, lw=6, label=status) for status, color in colors.items()]
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small")
+    return fig
+
+
 # ---- the report ---------------------------------------------------------------------------------
 def _pm(value: float, spread: float) -> str:
     if pd.isna(value):
@@ -442,6 +483,8 @@ def write_report(path: str | os.PathLike | Results, out_dir: str | os.PathLike) 
         "## Stall ratio and flip rate", image("dynamics.png", plot_dynamics(results), "stall ratio and flip rate"),
         "## Stable rank of the critical layers",
         image("ranks.png", plot_ranks(results), "stable rank of critical layers"),
+        "## Timeline", "Each trial from start to end, per node and slot.",
+        image("timeline.png", plot_timeline(results), "trials over time per node and slot"),
     ]
     report = out / "report.md"
     report.write_text("\n\n".join(parts) + "\n")

@@ -26,23 +26,20 @@ import tempfile
 import time
 
 from altgrad import results
+from altgrad.analysis import trial_lanes
 from altgrad.sweep import load_sweep, run_sweep
 from altgrad.sweep.runner import results_root
 
 
-def per_slot_gaps(trials, slots: int) -> tuple[float, list[float]]:
-    """Sum of the gaps between consecutive trials on a slot, and each slot's last end (Unix seconds).
-
-    Trials are placed greedily in start order onto the slot that freed up first, which is how a slot
-    picks up the next pending trial."""
-    ends = [None] * slots
-    gaps = 0.0
-    for start, end in sorted(zip(trials["started_at"], trials["ended_at"])):
-        free = min(range(slots), key=lambda s: -1 if ends[s] is None else ends[s])
-        if ends[free] is not None:
-            gaps += max(0.0, start - ends[free])
-        ends[free] = end
-    return gaps, [e for e in ends if e is not None]
+def slot_gaps_and_tail(trials) -> tuple[float, float]:
+    """Seconds between consecutive trials on a slot, summed, and seconds slots sat idle after their last
+    trial until the sweep's last trial ended (slots as :func:`altgrad.analysis.trial_lanes` places them)."""
+    trials = trials.assign(lane=trial_lanes(trials))
+    gaps, last_ends = 0.0, []
+    for _, slot in trials.sort_values("started_at").groupby(["node_id", "lane"]):
+        gaps += float((slot["started_at"].iloc[1:].to_numpy() - slot["ended_at"].iloc[:-1].to_numpy()).sum())
+        last_ends.append(slot["ended_at"].max())
+    return gaps, sum(max(last_ends) - end for end in last_ends)
 
 
 def warm_up_seconds(steps, tokens_per_step: dict[str, int], first: int = 3) -> float:
@@ -73,10 +70,9 @@ def main() -> None:
     slots = max(1, int((os.cpu_count() or 1) // cpus))
     busy = trials["wall_time_s"].sum()
     setup = (trials["ended_at"] - trials["started_at"] - trials["wall_time_s"]).sum()
-    gaps, last_ends = per_slot_gaps(trials, slots)
+    gaps, tail = slot_gaps_and_tail(trials)
     start_up = trials["started_at"].min() - called
-    shut_down = returned - max(last_ends)
-    tail = sum(max(last_ends) - end for end in last_ends) + (slots - len(last_ends)) * max(last_ends)
+    shut_down = returned - trials["ended_at"].max()
     tokens = {c.cell_id: c.config.batch_size * c.config.model.block_size for c in spec.cells}
     warm_up = warm_up_seconds(results.read_table(results_root(out, spec.name), "steps"), tokens)
     saved = (trials["steps_planned"] - trials["steps_completed"])[trials["status"] == "stopped"].sum()

@@ -178,11 +178,24 @@ def test_false_alarms_are_completed_trials_that_warned(loaded, raw):
     assert RANK_COLLAPSED not in set(alarms["trial_id"])
 
 
+def test_trial_lanes_place_each_trial_on_the_slot_that_freed_up_first():
+    t = pd.Timestamp("2026-01-01", tz="UTC")
+    spans = {"a": ("n1", 0, 10), "b": ("n1", 5, 15), "c": ("n1", 10, 20), "d": ("n1", 16, 30),
+             "e": ("n2", 0, 5), "f": ("n1", None, None)}
+    trials = pd.DataFrame([{"trial_id": k, "node_id": node, "started_at": t + pd.Timedelta(seconds=start)
+                            if start is not None else pd.NaT, "ended_at": t + pd.Timedelta(seconds=end)
+                            if end is not None else pd.NaT} for k, (node, start, end) in spans.items()])
+    lanes = dict(zip(trials["trial_id"], analysis.trial_lanes(trials)))
+    assert {k: lanes[k] for k in "abcde"} == {"a": 0, "b": 1, "c": 0, "d": 1, "e": 0}
+    assert math.isnan(lanes["f"])  # no stamps (a running trial, or results from before the stamps): no lane
+
+
 def test_report_embeds_existing_plots_and_the_main_table(loaded, tmp_path):
     report = analysis.write_report(loaded, tmp_path / "report")
     text = report.read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
-    plots = {"benefit.png", "dynamics.png", "ranks.png", "loss_E5M2.png", "loss_E2M5.png", "loss_E3M4.png"}
+    plots = {"benefit.png", "dynamics.png", "ranks.png", "loss_E5M2.png", "loss_E2M5.png", "loss_E3M4.png",
+             "timeline.png"}
     assert plots <= set(images)
     for name in images:
         assert (tmp_path / "report" / name).stat().st_size > 0
