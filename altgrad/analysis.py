@@ -371,7 +371,8 @@ def plot_timeline(results: Results) -> Figure | None:
     if trials.empty:
         return None
     origin = trials["started_at"].min()
-    rows = trials.groupby(["node_id", "lane"]).ngroup()
+    slots = trials.groupby(["node_id", "lane"])
+    rows = slots.ngroup()  # numbered in the order of slots.groups' sorted keys
     fig = Figure(figsize=(10, 0.35 * (rows.max() + 1) + 1.2), layout="constrained")
     ax = fig.subplots()
     colors = {"completed": "C2", "stopped": "C1", "error": "C3"}
@@ -379,8 +380,8 @@ def plot_timeline(results: Results) -> Figure | None:
         start = (trial.started_at - origin).total_seconds()
         ax.barh(row, (trial.ended_at - origin).total_seconds() - start, left=start, height=0.8,
                 color=colors.get(trial.status, "C7"), edgecolor="white", lw=0.5)
-    nodes = trials.groupby(["node_id", "lane"]).size().index
-    ax.set_yticks(range(len(nodes)), [f"{str(node)[:8]} / {int(lane)}" for node, lane in nodes], fontsize="small")
+    ax.set_yticks(range(slots.ngroups), [f"{str(node)[:8]} / {int(lane)}" for node, lane in slots.groups],
+                  fontsize="small")
     ax.invert_yaxis()
     ax.set_xlabel("seconds since the first trial started")
     ax.set_ylabel("node / slot")
@@ -414,9 +415,8 @@ def _display_benefit(benefit: pd.DataFrame) -> pd.DataFrame:
 
 
 def _markdown(frame: pd.DataFrame) -> str:
-    """A pipe table; NaN shows as "—"."""
-    return frame.astype(object).where(frame.notna(), None).to_markdown(index=False, floatfmt=".4g",
-                                                                       missingval="—")
+    """A pipe table with four significant digits; NaN shows as "—"."""
+    return tables.markdown_table(frame, floatfmt=".4g")
 
 
 def _slug(text: str) -> str:

@@ -108,9 +108,9 @@ class RowLog:
 
     def to_bytes(self) -> bytes:
         """The rows as an Arrow IPC stream: one object for a checkpoint, whatever the row count."""
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, self._arrow.schema) as writer:
-            writer.write_table(self.arrow())
+        table, sink = self.arrow(), pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
         return sink.getvalue().to_pybytes()
 
     @classmethod
@@ -167,9 +167,9 @@ def read_table(root: str, table: str):
     return pa.concat_tables(parts).to_pandas()
 
 
-def markdown_table(rows) -> str:
+def markdown_table(rows, floatfmt: str = ".6g") -> str:
     """Rows (dicts or a DataFrame) as a markdown table; missing values (None/NaN) show as an em dash."""
     import pandas as pd
 
     frame = pd.DataFrame(rows).astype(object)
-    return frame.where(frame.notna(), None).to_markdown(index=False, floatfmt=".6g", missingval="—")
+    return frame.where(frame.notna(), None).to_markdown(index=False, floatfmt=floatfmt, missingval="—")

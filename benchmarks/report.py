@@ -19,6 +19,7 @@ import random
 import tempfile
 import time
 
+import pyarrow as pa
 import torch
 
 from altgrad import results
@@ -26,11 +27,12 @@ from altgrad.sweep import load_sweep
 
 
 def synthetic_row(table: str, step: int, layer: str | None, rng: random.Random) -> dict:
-    row = {"trial_id": "t", "format": "E4M3", "optimizer": "adamw", "step": step}
-    for field in results.SCHEMAS[table]:
-        if field.name not in row and field.type == results.SCHEMAS["steps"].field("train_loss").type:
-            row[field.name] = rng.random()
-    return row | ({"layer": layer, "rank_warning": False, "critical": False, "layer_format": "E4M3"} if layer else {})
+    """A row with every float column of ``table`` random; a layer row also names its layer."""
+    row = {field.name: rng.random() for field in results.SCHEMAS[table] if pa.types.is_floating(field.type)}
+    row |= {"trial_id": "t", "format": "E4M3", "optimizer": "adamw", "step": step}
+    if layer:
+        row |= {"layer": layer, "rank_warning": False, "critical": False, "layer_format": "E4M3"}
+    return row
 
 
 def trial_persistence(cell, layers: int, root: str, row_log: bool) -> float:

@@ -132,9 +132,8 @@ def _skeleton(config: CellConfig):
     """A model with the cell's layer names (they depend only on the layer count), built tiny."""
     from altgrad.model import GPT, GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=config.model.n_layer, n_head=1, n_embd=4,
-                          tie_weights=config.model.tie_weights))
-    return model
+    return GPT(GPTConfig(vocab_size=8, block_size=4, n_layer=config.model.n_layer, n_head=1, n_embd=4,
+                         tie_weights=config.model.tie_weights))
 
 
 def _check_layer_patterns(cell: Cell, source: str, checked: set) -> None:
