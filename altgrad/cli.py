@@ -45,10 +45,11 @@ def _cmd_formats(args) -> int:
 
 def _cmd_train(args) -> int:
     from altgrad import results
-    from altgrad.config import load_cell
+    from altgrad.config import check_runtime, load_cell
     from altgrad.trainer import Trainer
 
     cell = load_cell(args.cell, args.set)
+    check_runtime(cell, args.cell)
     name = cell.name or Path(args.cell).stem
     root = _join(args.out, name)
     checkpoint = Path(args.out) / name / "checkpoint.pt" if "://" not in args.out else None
@@ -65,8 +66,8 @@ def _cmd_train(args) -> int:
     print(f"{name}: {cell.format} / {cell.optimizer} / layers={summary['layers']} / seed {cell.seed}: "
           f"{summary['status']} after {summary['steps_completed']} steps"
           f"{' (' + summary['stop_reason'] + ')' if summary['stop_reason'] else ''}; "
-          f"train {summary['final_train_loss']:.4f}, val {summary['final_val_loss']:.4f} "
-          f"(best {summary['best_val_loss']:.4f}), {summary['wall_time_s']:.1f} s -> {root}")
+          f"train {_number(summary['final_train_loss'])}, val {_number(summary['final_val_loss'])} "
+          f"(best {_number(summary['best_val_loss'])}), {summary['wall_time_s']:.1f} s -> {root}")
     return 0
 
 
@@ -75,6 +76,15 @@ def _cmd_sweep(args) -> int:
     from altgrad.sweep.runner import results_root
 
     spec = load_sweep(args.sweep)
+    if args.address is None:  # on a cluster the nodes' disks and GPUs are theirs to check
+        from altgrad.config import check_runtime
+
+        checked = set()
+        for cell in spec.cells:
+            needs = (cell.config.data, cell.config.model.block_size, cell.config.device)
+            if needs not in checked:
+                check_runtime(cell.config, f"{args.sweep} (cell {cell.cell_id})")
+                checked.add(needs)
     print(f"sweep {spec.name}: {len(spec.cells)} trials -> {results_root(args.out, spec.name)}")
     statuses = run_sweep(spec, args.out, address=args.address, resume=args.resume, wandb=args.wandb)
     wall = statuses.pop("_wall_time_s")
@@ -110,6 +120,22 @@ def _cmd_matrix(args) -> int:
     return 1
 
 
+def _cmd_freeze_data(args) -> int:
+    from altgrad.data import freeze_builtin
+
+    try:
+        data = freeze_builtin(args.dir)
+    except (OSError, ValueError) as error:
+        raise ConfigError(args.dir, "DIR", str(error)) from None
+    print(f"{args.dir}: the builtin corpus ({len(data.train)} train + {len(data.val)} val tokens, vocabulary "
+          f"{data.vocab_size}, fingerprint {data.fingerprint}); train on it with: data: {args.dir}")
+    return 0
+
+
+def _number(value) -> str:
+    return "none" if value is None else f"{value:.4f}"
+
+
 def _join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}"
 
@@ -142,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("path", help="a results directory DIR/<name> (local or s3://...)")
     report.add_argument("--out", default=None, help="report directory (default: DIR/<name>/report)")
     report.set_defaults(run=_cmd_report)
+
+    freeze = verbs.add_parser("freeze-data", help="write the builtin corpus as a nanoGPT data dir that every "
+                                                  "node of a cluster can read (the same tokens everywhere)")
+    freeze.add_argument("dir", help="directory to create (train.bin, val.bin, meta.pkl)")
+    freeze.set_defaults(run=_cmd_freeze_data)
 
     matrix = verbs.add_parser("matrix", help="print a sweep's test matrix as markdown (TEST_MATRIX.md)")
     matrix.add_argument("sweep", help="sweep YAML")

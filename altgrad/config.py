@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def _check(cell: CellConfig, source: str) -> None:
         raise ConfigError(source, "model.dropout", f"{cell.model.dropout!r} must lie in [0, 1)")
     for key in ("flips_every", "rank_every"):
         non_negative(f"diagnostics.{key}", getattr(cell.diagnostics, key))
-    if cell.device != "auto" and not (cell.device == "cpu" or cell.device.startswith("cuda")):
+    if cell.device != "auto" and not (cell.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cell.device)):
         raise ConfigError(source, "device", f"{cell.device!r} is not auto, cpu, cuda or cuda:N")
 
 
@@ -193,6 +194,36 @@ def parse_cell(raw: dict, source: str = "<cell>") -> CellConfig:
     if isinstance(cell.layers, dict):
         canonical["layers"] = {pattern: get_format(spec).name for pattern, spec in cell.layers.items()}
     return dataclasses.replace(cell, **canonical)
+
+
+def check_runtime(cell: CellConfig, source: str) -> None:
+    """What only the machine that runs the cell can check: the data is there and holds one batch
+    window, and the device exists. ``altgrad train`` calls it, and a sweep on this machine; a sweep on a
+    cluster leaves it to the nodes, whose disks and GPUs the driver cannot see."""
+    from altgrad.data import data_problem
+
+    problem = data_problem(cell.data, cell.model.block_size)
+    if problem:
+        raise ConfigError(source, "data", problem)
+    if cell.device.startswith("cuda"):
+        import torch
+
+        index = int(cell.device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            have = f"{torch.cuda.device_count()} CUDA devices" if torch.cuda.is_available() else "no CUDA"
+            raise ConfigError(source, "device", f"{cell.device!r}, but torch {torch.__version__} here has {have}")
+
+
+def known_key(dotted: str) -> bool:
+    """Whether ``dotted`` ("lr", "model.n_layer") names a cell key."""
+    head, _, rest = dotted.partition(".")
+    fields = {f.name for f in dataclasses.fields(CellConfig)}
+    if head not in fields:
+        return False
+    if not rest:
+        return True
+    nested = _NESTED.get(head)
+    return nested is not None and "." not in rest and rest in {f.name for f in dataclasses.fields(nested)}
 
 
 def set_dotted(raw: dict, dotted: str, value) -> dict:
@@ -233,7 +264,10 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ConfigError(str(path), "(file)", f"is not valid YAML: {error}".splitlines()[0]) from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(str(path), where, f"is not valid YAML: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -15,6 +15,9 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import io
 import os
 import pickle
 import platform
@@ -42,13 +45,43 @@ _SKIPPED_DIRS = {"site-packages", "dist-packages", "__pycache__"}  # installed p
 @dataclass(frozen=True, eq=False)
 class TokenData:
     """A corpus as 1-D uint16 token arrays. ``decode`` turns token ids back into text where the
-    vocabulary is known (None otherwise)."""
+    vocabulary is known (None otherwise); ``alphabet`` is the character vocabulary where there is one."""
 
     train: np.ndarray
     val: np.ndarray
     vocab_size: int
     name: str
     decode: Callable[[Iterable[int]], str] | None = None
+    alphabet: str | None = None
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """16 hex digits that change whenever the tokens or the vocabulary size do, so that runs on
+        different data are never resumed or compared as one. The builtin corpus comes from the running
+        Python's sources and so differs between Python versions; a frozen copy (:func:`freeze_builtin`)
+        has the builtin's fingerprint. Arrays over ``FINGERPRINT_FULL_TOKENS`` are hashed in
+        ``FINGERPRINT_CHUNKS`` evenly spaced chunks plus their length (reading a 10 GB corpus whole at
+        every trial start would cost more than a short trial)."""
+        digest = hashlib.sha256(f"vocab={self.vocab_size}".encode())
+        for tokens in (self.train, self.val):
+            digest.update(f"|{len(tokens)}|".encode())
+            for chunk in _fingerprint_chunks(tokens):
+                digest.update(np.ascontiguousarray(chunk, dtype="<u2").tobytes())
+        return digest.hexdigest()[:16]
+
+
+FINGERPRINT_FULL_TOKENS = 2**25  # 64 MiB of uint16 tokens
+FINGERPRINT_CHUNKS, FINGERPRINT_CHUNK_TOKENS = 256, 2**16
+
+
+def _fingerprint_chunks(tokens: np.ndarray) -> Iterable[np.ndarray]:
+    if len(tokens) <= FINGERPRINT_FULL_TOKENS:
+        yield tokens
+        return
+    last = max(0, len(tokens) - FINGERPRINT_CHUNK_TOKENS)
+    starts = np.linspace(0, last, FINGERPRINT_CHUNKS).astype(np.int64)
+    for start in starts:
+        yield tokens[start:start + FINGERPRINT_CHUNK_TOKENS]
 
 
 def load_data(spec: str) -> TokenData:
@@ -80,9 +113,9 @@ def _decode(table, ids: Iterable[int]) -> str:
     return "".join(table[int(i)] for i in ids)
 
 
-def _split(tokens: np.ndarray, vocab_size: int, name: str, decode_table) -> TokenData:
+def _split(tokens: np.ndarray, alphabet: str, name: str) -> TokenData:
     n_train = int(len(tokens) * (1 - VAL_FRACTION))
-    return TokenData(tokens[:n_train], tokens[n_train:], vocab_size, name, partial(_decode, decode_table))
+    return TokenData(tokens[:n_train], tokens[n_train:], len(alphabet), name, partial(_decode, alphabet), alphabet)
 
 
 def _char_tokens(text: str) -> tuple[np.ndarray, str]:
@@ -96,7 +129,7 @@ def _char_tokens(text: str) -> tuple[np.ndarray, str]:
 
 def _text_file(path: Path) -> TokenData:
     tokens, alphabet = _char_tokens(path.read_text(encoding="utf-8"))
-    return _split(tokens, len(alphabet), path.name, alphabet)
+    return _split(tokens, alphabet, path.name)
 
 
 def _nanogpt_dir(path: Path) -> TokenData:
@@ -110,6 +143,59 @@ def _nanogpt_dir(path: Path) -> TokenData:
         meta = pickle.load(f)
     decode = partial(_decode, meta["itos"]) if "itos" in meta else None
     return TokenData(train, val, int(meta["vocab_size"]), path.name, decode)
+
+
+def freeze_builtin(directory: str | Path) -> TokenData:
+    """Write the builtin corpus of this Python as a nanoGPT data dir (train.bin, val.bin, meta.pkl with
+    ``vocab_size``, ``itos`` and ``stoi``, as nanoGPT's char-level preparers write them).
+
+    Every node of a cluster that reads this directory (``data: DIR``) trains on the same tokens, whatever
+    Python it runs; the directory's fingerprint equals the builtin corpus's. An existing directory with
+    other data raises ValueError; one holding the same corpus is left as it is."""
+    directory = Path(directory)
+    data = _builtin()
+    if (directory / "train.bin").exists() or (directory / "val.bin").exists():
+        existing = load_data(str(directory))
+        if existing.fingerprint != data.fingerprint:
+            raise ValueError(f"{directory} already holds other data (fingerprint {existing.fingerprint}, "
+                             f"the builtin corpus is {data.fingerprint})")
+        return existing
+    directory.mkdir(parents=True, exist_ok=True)
+    meta = {"vocab_size": data.vocab_size, "itos": dict(enumerate(data.alphabet)),
+            "stoi": {c: i for i, c in enumerate(data.alphabet)}}
+    _write_atomically(directory / "meta.pkl", pickle.dumps(meta))
+    for split in ("train", "val"):
+        _write_atomically(directory / f"{split}.bin", np.asarray(getattr(data, split), dtype="<u2").tobytes())
+    return load_data(str(directory))
+
+
+def data_problem(spec: str, block_size: int) -> str | None:
+    """Why ``spec`` cannot feed a model with this ``block_size`` (one batch needs ``block_size + 1``
+    tokens in each split), or None. Cheap: it reads file sizes, not the tokens, except for a .txt file."""
+    if spec == "builtin":
+        return None
+    path = Path(str(spec)).expanduser()
+    if not path.exists():
+        return f"{spec!r} does not exist (expected builtin, a nanoGPT data dir or a .txt file)"
+    if path.is_dir():
+        missing = [f for f in ("train.bin", "val.bin") if not (path / f).is_file()]
+        if missing:
+            return f"{spec!r} has no {' or '.join(missing)} (a nanoGPT data dir has train.bin and val.bin)"
+        sizes = {split: (path / f"{split}.bin").stat().st_size // 2 for split in ("train", "val")}
+    elif path.suffix == ".txt":
+        try:
+            n = len(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as error:
+            return f"{spec!r} cannot be read as UTF-8 text ({error})"
+        n_train = int(n * (1 - VAL_FRACTION))
+        sizes = {"train": n_train, "val": n - n_train}
+    else:
+        return f"{spec!r} is neither a nanoGPT data dir nor a .txt file"
+    for split, n in sizes.items():
+        if n < block_size + 1:
+            return (f"{spec!r} has {n} {split} tokens, fewer than one window of block_size + 1 = "
+                    f"{block_size + 1}")
+    return None
 
 
 def _stdlib_files() -> Iterable[Path]:
@@ -138,17 +224,23 @@ def _builtin() -> TokenData:
         _save_atomically(path, tokens=tokens, alphabet=np.array(list(alphabet)))
     with np.load(path) as cached:
         tokens, alphabet = cached["tokens"], "".join(cached["alphabet"])
-    return _split(tokens, len(alphabet), "builtin", alphabet)
+    return _split(tokens, alphabet, "builtin")
 
 
 def _save_atomically(path: Path, **arrays: np.ndarray) -> None:
-    """Write to a temporary file beside ``path``, then rename: a reader, or a trial building the same
-    cache at the same time, never sees a half-written file."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    _write_atomically(path, buffer.getvalue())
+
+
+def _write_atomically(path: Path, content: bytes) -> None:
+    """Write to a hidden temporary file beside ``path``, then rename: a reader, or a trial building the
+    same cache at the same time, never sees a half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
+            f.write(content)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

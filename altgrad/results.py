@@ -37,7 +37,7 @@ SCHEMAS = {
         ("final_train_loss", _F64), ("final_val_loss", _F64), ("best_val_loss", _F64),
         ("first_warning_step", _I64), ("wall_time_s", _F64), ("node_id", _STR),
         ("sweep", _STR), ("ulp_lr", _F64), ("steps_planned", _I64), ("error", _STR), ("config", _STR),
-        ("started_at", _TIME), ("ended_at", _TIME),
+        ("started_at", _TIME), ("ended_at", _TIME), ("data_fingerprint", _STR),
     ]),
     "steps": pa.schema([
         ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("train_loss", _F64),
@@ -45,14 +45,14 @@ SCHEMAS = {
         ("stall_ratio", _F64), ("overflow_frac", _F64), ("underflow_frac", _F64), ("tokens_per_s", _F64),
         ("overflow_frac_weight", _F64), ("overflow_frac_input", _F64), ("overflow_frac_grad", _F64),
         ("underflow_frac_weight", _F64), ("underflow_frac_input", _F64), ("underflow_frac_grad", _F64),
-        ("nan_count", _F64), ("rank_warnings", _I64),
+        ("nan_count", _F64), ("rank_warnings", _I64), ("recoded", _F64),
     ]),
     "layers": pa.schema([
         ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("layer", _STR),
         ("stable_rank", _F64), ("effective_rank", _F64), ("spectral_norm", _F64), ("flip_rate", _F64),
         ("stall_ratio", _F64), ("rank_warning", _BOOL), ("layer_format", _STR), ("critical", _BOOL),
         ("subspace_angle_deg", _F64), ("grad_topk_share", _F64), ("weight_scale", _F64),
-        ("overflow_frac", _F64), ("underflow_frac", _F64),
+        ("overflow_frac", _F64), ("underflow_frac", _F64), ("recode_rate", _F64),
     ]),
 }
 

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from altgrad import results
-from altgrad.config import CellConfig
+from altgrad.config import CellConfig, ConfigError
 from altgrad.data import get_batch, load_data
 from altgrad.diagnostics import FlipTracker, RankTrendDetector, critical_layer_metrics, rank_metrics, stall_ratio
 from altgrad.layers import POINTS, QuantLinear, apply_policy
@@ -37,7 +37,6 @@ from altgrad.model import GPT, GPTConfig
 from altgrad.optim import build_optimizer
 
 Report = Callable[[dict, "Path | None"], None]
-NAN = math.nan
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -66,30 +65,37 @@ def node_id() -> str:
     return socket.gethostname()
 
 
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if v == v]
-    return sum(finite) / len(finite) if finite else NAN
+def _mean(values: list) -> float | None:
+    """Mean of the measured values (None: not measured; NaN: measured non-finite, and it propagates)."""
+    measured = [v for v in values if v is not None]
+    return sum(measured) / len(measured) if measured else None
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    """A fraction of counted things; None when nothing was counted."""
+    return numerator / denominator if denominator else None
 
 
 class _Interval:
     """Per-layer sums between two diagnostic steps (flips, updates, overflow/underflow counts)."""
 
     def __init__(self, layers):
-        self.sums = {name: dict.fromkeys(("flips", "updates", "flip_steps", "over", "under", "numel"), 0.0)
+        self.sums = {name: dict.fromkeys(("flips", "recoded", "updates", "flip_steps", "over", "under", "numel"), 0.0)
                      for name in layers}
 
     def add(self, name: str, **values: float) -> None:
         for key, value in values.items():
-            if value == value:  # NaN (the first flip count) adds nothing
+            if value is not None:  # not measured (the first flip count) adds nothing
                 self.sums[name][key] += value
 
     def layer_summary(self, name: str, numel: int) -> dict:
         s = self.sums[name]
         return {
-            "flip_rate": s["flips"] / (s["flip_steps"] * numel) if s["flip_steps"] else NAN,
-            "stall_ratio": stall_ratio(s["flips"], s["updates"]) if s["flip_steps"] else NAN,
-            "overflow_frac": s["over"] / s["numel"] if s["numel"] else NAN,
-            "underflow_frac": s["under"] / s["numel"] if s["numel"] else NAN,
+            "flip_rate": _ratio(s["flips"], s["flip_steps"] * numel),
+            "recode_rate": _ratio(s["recoded"], s["flip_steps"] * numel),
+            "stall_ratio": stall_ratio(s["flips"], s["updates"]) if s["flip_steps"] else None,
+            "overflow_frac": _ratio(s["over"], s["numel"]),
+            "underflow_frac": _ratio(s["under"], s["numel"]),
         }
 
 
@@ -127,7 +133,7 @@ class Trainer:
         self.interval = _Interval(self.layers)
         self.rows = {table: results.RowLog(table) for table in ("steps", "layers")}
         self.step = 0
-        self.state = {"best_val_loss": NAN, "final_val_loss": NAN, "first_warning_step": None, "wall_time_s": 0.0,
+        self.state = {"best_val_loss": None, "final_val_loss": None, "first_warning_step": None, "wall_time_s": 0.0,
                       "rank_warnings": 0, "stop_reason": None, "started_at": started_at, "ended_at": None}
 
     # ---- construction --------------------------------------------------------------------------
@@ -160,7 +166,8 @@ class Trainer:
             if self.step % cell.eval_every == 0 or self.step == cell.steps or self.state["stop_reason"]:
                 self._evaluate_and_report(report)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{self.state['best_val_loss']:.3f}",
+            best = self.state["best_val_loss"]
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({} if best is None else {"val": f"{best:.3f}"}),
                             tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
         bar.close()
         return self.summary(status="stopped" if self.state["stop_reason"] else "completed")
@@ -177,7 +184,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         row = {"trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer, "step": self.step,
-               "train_loss": loss.item(), "val_loss": NAN, "lr": lr, "grad_norm": grad_norm.item(),
+               "train_loss": loss.item(), "val_loss": None, "lr": lr, "grad_norm": grad_norm.item(),
                "rank_warnings": None}
         row.update(self._flip_columns())
         row.update(self._stat_columns())
@@ -191,13 +198,16 @@ class Trainer:
     def _flip_columns(self) -> dict:
         every = self.cell.diagnostics.flips_every
         if not every or self.step % every:
-            return {"flips": NAN, "updates": NAN, "stall_ratio": NAN}
+            return {"flips": None, "updates": None, "stall_ratio": None, "recoded": None}
         counts = self.flips.measure()
-        for name, (flips, updates) in counts.items():
-            self.interval.add(name, flips=flips, updates=updates, flip_steps=float(flips == flips))
-        flips = sum(c.flips for c in counts.values())
+        for name, count in counts.items():
+            self.interval.add(name, flips=count.flips, updates=count.updates, recoded=count.recoded,
+                              flip_steps=float(count.flips is not None))
+        measured = all(c.flips is not None for c in counts.values())
+        flips = sum(c.flips for c in counts.values()) if measured else None
         updates = sum(c.updates for c in counts.values())
-        return {"flips": flips, "updates": updates, "stall_ratio": stall_ratio(flips, updates)}
+        recoded = sum(c.recoded for c in counts.values()) if measured else None
+        return {"flips": flips, "updates": updates, "stall_ratio": stall_ratio(flips, updates), "recoded": recoded}
 
     def _stat_columns(self) -> dict:
         """Overflow/underflow fractions over every quantized point of every layer (and per point kind)."""
@@ -213,11 +223,10 @@ class Trainer:
                     self.interval.add(name, over=over, under=under, numel=s["numel"])
                     nans += s["nan_count"]
         over, under, numel = (sum(t[i] for t in totals.values()) for i in range(3))
-        columns = {"overflow_frac": over / numel if numel else NAN, "underflow_frac": under / numel if numel else NAN,
-                   "nan_count": nans}
+        columns = {"overflow_frac": _ratio(over, numel), "underflow_frac": _ratio(under, numel), "nan_count": nans}
         for point, (o, u, n) in totals.items():
-            columns[f"overflow_frac_{point}"] = o / n if n else NAN
-            columns[f"underflow_frac_{point}"] = u / n if n else NAN
+            columns[f"overflow_frac_{point}"] = _ratio(o, n)
+            columns[f"underflow_frac_{point}"] = _ratio(u, n)
         return columns
 
     @torch.no_grad()
@@ -261,9 +270,9 @@ class Trainer:
     def _evaluate_and_report(self, report: Report | None) -> None:
         row = self.rows["steps"][-1]
         row["val_loss"] = self.state["final_val_loss"] = self.evaluate()
-        if row["val_loss"] == row["val_loss"]:
-            self.state["best_val_loss"] = min(row["val_loss"], self.state["best_val_loss"]) \
-                if self.state["best_val_loss"] == self.state["best_val_loss"] else row["val_loss"]
+        best = self.state["best_val_loss"]
+        if math.isfinite(row["val_loss"]) and (best is None or row["val_loss"] < best):
+            self.state["best_val_loss"] = row["val_loss"]
         checkpoint = None
         every = self.cell.checkpoint_every
         if self.checkpoint_path and (not every or self.step % every == 0 or self.step == self.cell.steps):
@@ -273,17 +282,17 @@ class Trainer:
             report(self.metrics(), checkpoint)
 
     def metrics(self) -> dict:
-        """What each report carries (and what the sweep's scheduler reads)."""
+        """What each report carries (and what the sweep's scheduler reads). ``train_loss`` is the last
+        batch's, as in the steps table; ``train_loss_mean`` the mean since the previous report."""
         recent = self.rows["steps"][-self.cell.eval_every:]
         last = self.rows["steps"][-1]
         return {
-            "step": self.step, "train_loss": _mean([r["train_loss"] for r in recent]) if all(
-                math.isfinite(r["train_loss"]) for r in recent) else NAN,
-            "val_loss": last["val_loss"], "best_val_loss": self.state["best_val_loss"],
+            "step": self.step, "train_loss": last["train_loss"],
+            "train_loss_mean": _mean([r["train_loss"] for r in recent]), "val_loss": last["val_loss"], "best_val_loss": self.state["best_val_loss"],
             "rank_warnings": self.state["rank_warnings"], "rank_check_step": self.state.get("rank_check_step"),
             "first_warning_step": self.state["first_warning_step"],
             "stall_ratio": _mean([r["stall_ratio"] for r in recent]),
-            "overflow_frac": _mean([r.get("overflow_frac", NAN) for r in recent]),
+            "overflow_frac": _mean([r.get("overflow_frac") for r in recent]),
             "tokens_per_s": _mean([r["tokens_per_s"] for r in recent]),
             "stop_reason": self.state["stop_reason"],
         }
@@ -297,9 +306,10 @@ class Trainer:
             "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "status": status,
             "stop_reason": self.state["stop_reason"] or ("error" if status == "error" else None),
             "steps_completed": self.step, "steps_planned": cell.steps,
-            "final_train_loss": steps[-1]["train_loss"] if steps else NAN, "final_val_loss": self.state["final_val_loss"],
+            "final_train_loss": steps[-1]["train_loss"] if steps else None, "final_val_loss": self.state["final_val_loss"],
             "best_val_loss": self.state["best_val_loss"], "first_warning_step": self.state["first_warning_step"],
             "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "sweep": self.sweep, "error": error,
+            "data_fingerprint": self.data.fingerprint,
             "started_at": self.state["started_at"], "ended_at": self.state["ended_at"],
             "config": json.dumps(cell.to_dict(), sort_keys=True, default=list),
         }
@@ -318,6 +328,7 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "flips": self.flips.state_dict(),
             "detector": self.detector.state_dict(), "bases": self.bases, "interval": self.interval.sums,
             "rows": {table: rows.to_bytes() for table, rows in self.rows.items()}, "state": self.state,
+            "data_fingerprint": self.data.fingerprint,
         }
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.checkpoint_path.with_name(f".{self.checkpoint_path.name}.tmp")
@@ -327,6 +338,11 @@ class Trainer:
 
     def _load_checkpoint(self) -> None:
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        if state.get("data_fingerprint") != self.data.fingerprint:
+            raise ConfigError(str(self.checkpoint_path), "data",
+                              f"{self.cell.data!r} has fingerprint {self.data.fingerprint}, but this run was "
+                              f"trained on data with fingerprint {state.get('data_fingerprint')}: resuming "
+                              f"would splice two corpora into one run")
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -89,3 +89,33 @@ def test_builtin_corpus_is_real_and_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "_stdlib_text", no_rebuild)
     cached = load_data("builtin")
     assert np.array_equal(cached.train, corpus.train) and cached.vocab_size == corpus.vocab_size
+
+
+def test_fingerprint_follows_the_tokens_and_a_frozen_builtin_keeps_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "BUILTIN_MAX_CHARS", 20_000)
+    monkeypatch.setenv("ALTGRAD_CACHE", str(tmp_path / "cache"))
+    builtin = load_data("builtin")
+    frozen = data.freeze_builtin(tmp_path / "frozen")
+    assert frozen.fingerprint == builtin.fingerprint
+    assert np.array_equal(frozen.train, builtin.train) and np.array_equal(frozen.val, builtin.val)
+    assert frozen.decode(frozen.val[:50]) == builtin.decode(builtin.val[:50])
+    assert data.freeze_builtin(tmp_path / "frozen").fingerprint == builtin.fingerprint  # idempotent
+    changed = np.array(frozen.val)
+    changed[7] = (changed[7] + 1) % frozen.vocab_size  # one token differs
+    (tmp_path / "frozen" / "val.bin").write_bytes(changed.astype("<u2").tobytes())
+    assert load_data(str(tmp_path / "frozen")).fingerprint != builtin.fingerprint
+    with pytest.raises(ValueError, match="already holds other data"):
+        data.freeze_builtin(tmp_path / "frozen")
+
+
+def test_fingerprint_of_a_large_corpus_samples_it_but_sees_its_length(monkeypatch):
+    monkeypatch.setattr(data, "FINGERPRINT_FULL_TOKENS", 1000)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 50, 10_000).astype(np.uint16)
+    base = data.TokenData(tokens, tokens[:2000], 50, "x").fingerprint
+    longer = data.TokenData(np.concatenate([tokens, tokens[:1]]), tokens[:2000], 50, "x").fingerprint
+    inside_a_chunk = tokens.copy()
+    inside_a_chunk[0] += 1  # the first chunk always starts at 0
+    assert base != longer
+    assert base != data.TokenData(inside_a_chunk, tokens[:2000], 50, "x").fingerprint
+    assert base != data.TokenData(tokens, tokens[:2000], 51, "x").fingerprint

@@ -38,7 +38,7 @@ def test_each_optimizer_trains_e5m2_and_writes_well_formed_tables(optimizer, tmp
     first, last = steps["train_loss"].iloc[:10].mean(), steps["train_loss"].iloc[-10:].mean()
     assert last < first - 0.5, (first, last)  # the loss falls (from ln(97) = 4.6)
     assert steps["flips"].iloc[1:].gt(0).all()  # weights flip at every step after the first
-    assert math.isnan(steps["flips"].iloc[0])  # nothing to compare with at the first measure
+    assert pd.isna(steps["flips"].iloc[0])  # nothing to compare with at the first measure
     assert steps["val_loss"].notna().sum() == 4  # every 25 steps
     assert steps["stall_ratio"].iloc[1:].between(0, 1).all()
     assert not steps.duplicated(["trial_id", "step"]).any()
@@ -132,3 +132,45 @@ def test_cli_train_rejects_bad_cells_with_exit_2_and_writes_nothing(text, fragme
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "bad.yaml" in err and fragment in err
     assert not (tmp_path / "out").exists()
+
+
+def _nulls_and_nans(path) -> dict[str, tuple[int, int]]:
+    """Per float column of a Parquet dataset: (nulls, NaNs), read with pyarrow itself, as DuckDB or
+    polars would see them (pandas shows both as NaN)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    return {name: (table[name].null_count, pc.sum(pc.is_nan(table[name])).as_py() or 0)
+            for name in table.column_names if table.schema.field(name).type == "double"}
+
+
+def test_what_was_not_measured_is_null_and_nan_only_records_a_measured_non_finite(tmp_path):
+    _, summary = run(tiny_cell(format="E4M3", steps=50), tmp_path)
+    steps = _nulls_and_nans(tmp_path / "res" / "steps")
+    assert steps["val_loss"] == (48, 0)  # evaluated at 25 and 50 only
+    assert steps["flips"] == (1, 0) and steps["stall_ratio"] == (1, 0) and steps["recoded"] == (1, 0)
+    assert steps["train_loss"] == (0, 0) and steps["overflow_frac"] == (0, 0)
+    assert all(nans == 0 for _, nans in steps.values()), steps
+    layers = _nulls_and_nans(tmp_path / "res" / "layers")
+    assert all(nans == 0 for _, nans in layers.values()), layers
+    assert layers["subspace_angle_deg"][0] > 0  # the first check has no previous basis: null
+    assert summary["final_val_loss"] is not None and summary["best_val_loss"] <= summary["final_val_loss"]
+
+
+def test_a_report_means_what_the_steps_table_means_by_train_loss(tmp_path):
+    reports = []
+    trainer, _ = run(tiny_cell(steps=50), tmp_path, report=lambda metrics, _: reports.append(metrics))
+    steps = pd.read_parquet(tmp_path / "res" / "steps").set_index("step")
+    for metrics in reports:
+        assert metrics["train_loss"] == steps.loc[metrics["step"], "train_loss"]  # the last batch's
+        window = steps.loc[metrics["step"] - 24:metrics["step"], "train_loss"]
+        assert metrics["train_loss_mean"] == pytest.approx(window.mean(), rel=1e-12)
+
+
+def test_a_diverging_run_records_its_non_finite_loss_as_nan(tmp_path):
+    _, summary = run(tiny_cell(format="E4M3", lr=1e4, grad_clip=0.0, steps=60), tmp_path)
+    if summary["stop_reason"] != "diverged":
+        pytest.fail(f"lr=1e4 did not diverge: {summary}")
+    steps = pd.read_parquet(tmp_path / "res" / "steps")
+    assert not math.isfinite(steps["train_loss"].iloc[-1])

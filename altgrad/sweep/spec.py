@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from altgrad.config import CellConfig, ConfigError, load_yaml, parse_cell, set_dotted
+from altgrad.config import CellConfig, ConfigError, known_key, load_yaml, parse_cell, set_dotted
 
 SWEEP_KEYS = ("name", "trial", "matrix", "exclude", "early_stopping", "resources")
 EARLY_STOPPING_KEYS = {"rank_collapse": {"patience"}, "divergence": {"loss_factor"},
@@ -76,6 +76,9 @@ def _check_sections(raw: dict, source: str) -> None:
     if not isinstance(matrix, dict):
         raise ConfigError(source, "matrix", f"{matrix!r} is not a mapping of axis: [values]")
     for axis, values in matrix.items():
+        if not known_key(str(axis)):
+            raise ConfigError(source, f"matrix.{axis}", "is not a cell key (a matrix axis is a cell key, dotted "
+                                                       "for nested ones: lr, seed, model.n_layer, ...)")
         if not isinstance(values, list) or not values:
             raise ConfigError(source, f"matrix.{axis}", f"{values!r} must be a non-empty list of values")
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
