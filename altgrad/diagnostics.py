@@ -1,20 +1,28 @@
 """Per-layer training diagnostics, cheap enough to leave on in every run.
 
-* :class:`FlipTracker` counts, per weight, how many quantized codes changed (flips) against how many
-  entries got a gradient (updates). ``stall_ratio = 1 - flips / updates`` is the share of updates the
-  format swallowed: the weight moved, but not across a grid point, so the forward pass saw nothing.
-* :func:`rank_metrics`: stable rank, effective rank and spectral norm from the singular values.
-* :func:`critical_layer_metrics`: the same plus the two "clobbering" signals (how far the top-k
-  singular subspace rotated since the last check, and how much of the gradient pushes on it), for the
-  layers whose collapse ends a run.
-* :class:`RankTrendDetector`: rank-collapse warnings from a per-layer EMA of a rank metric.
+* :class:`FlipTracker` counts, per weight, how many quantized codes the optimizer changed (flips) against
+  how many entries got a gradient (updates), at a fixed scale; codes a moving scale changed on top are
+  counted apart (re-codes). ``stall_ratio = 1 - flips / updates`` is the share of updates the format
+  swallowed: the weight moved, but not across a grid point, so the forward pass saw nothing.
+* :func:`rank_metrics`: stable rank, effective rank and spectral norm from the singular values of any
+  matrix: the weight as the forward sees it, or its full-precision master (quantization noise inflates
+  the effective rank, so the two differ).
+* :func:`gradient_alignment`: the shares of the gradient inside and outside the weight's top-k left
+  singular subspace.
+* :func:`critical_layer_metrics`: rank metrics plus the "clobbering" signals (how far the top-k singular
+  subspace rotated since the last check, and how much of the gradient pushes on it), for the layers
+  whose collapse ends a run.
+* :class:`RankTrendDetector`: rank-collapse warnings from a per-layer EMA of a rank metric after warm-up.
 
-The spectra come from the eigenvalues (and, for critical layers, eigenvectors) of the smaller Gram
+The spectra come from the eigenvalues (and, for the subspaces, eigenvectors) of the smaller Gram
 matrix, ``WᵀW`` or ``WWᵀ``, in float64: two to three times cheaper than an SVD of ``W`` on a CPU, and,
 since float64 more than absorbs the squared condition number, at least as accurate as a float32 SVD.
+One decomposition serves all of a layer's metrics at a check.
 
-Every function returns Python floats after at most one host synchronisation, so the trainer can put
-the results straight into Parquet rows. A value that cannot be measured is NaN, never a sentinel.
+Every function returns Python floats after at most one host synchronisation (the flip count two), so
+the trainer can put the results straight into Parquet rows. A value that could not be measured (no
+previous check to compare with, a zero gradient) is None; NaN only records a measured non-finite value
+(a diverged weight). Never a sentinel.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _call, _code_numbers, _code_params, _compute_dtype, _count, _scale_tensor, encode
 
 RANK_KEYS = ("stable_rank", "effective_rank", "spectral_norm")
-CLOBBER_KEYS = ("subspace_angle_deg", "grad_topk_share")
+CLOBBER_KEYS = ("subspace_angle_deg", "grad_topk_share", "principal_alignment", "minor_alignment")
 
 # ---- flips ----------------------------------------------------------------------------------------
 
@@ -63,16 +71,17 @@ def forward_codes(weight: torch.Tensor, fmt, scale=None) -> torch.Tensor:
 
 
 class FlipCount(NamedTuple):
-    flips: float  # entries whose code changed since the previous measure(); NaN at the first measure()
+    flips: float | None  # codes the optimizer changed since the previous measure(), at that measure's scale
     updates: float  # entries with a non-zero gradient at this measure()
+    recoded: float | None  # codes the scale's move since the previous measure() changed on top (0: it held)
 
 
-def stall_ratio(flips: float, updates: float) -> float:
-    """``1 - flips / updates``; NaN when nothing was updated or flips are unknown.
+def stall_ratio(flips: float | None, updates: float) -> float | None:
+    """``1 - flips / updates``; None (not measured) when nothing was updated or flips are unknown.
 
     Not clamped: it goes negative when more codes flip than entries got a gradient (AdamW momentum and
-    weight decay move weights with a zero gradient; a changed scale moves the whole grid)."""
-    return 1.0 - flips / updates if updates > 0 else math.nan
+    weight decay move weights with a zero gradient)."""
+    return None if flips is None or not updates else 1.0 - flips / updates
 
 
 @dataclass
@@ -81,6 +90,7 @@ class _Tracked:
     fmt: FPFormat
     scale: torch.Tensor | None
     codes: torch.Tensor | None = None  # as of the previous measure()
+    code_scale: torch.Tensor | None = None  # a copy of the scale those codes were taken at
 
 
 class FlipTracker:
@@ -89,9 +99,16 @@ class FlipTracker:
     Call :meth:`measure` right after ``optimizer.step()``, while ``.grad`` still holds the step's
     gradient: then the codes are those the next forward sees, and the updates are this step's. Flips
     are counted against the previous measure(), so they cover one optimizer step when measure() runs
-    every step (``flips_every: 1``) and the whole interval otherwise. The first measure() after
-    :meth:`track` has nothing to compare with and reports NaN flips: the codes at ``track`` time would
-    use a scale the first forward has not set yet.
+    every step (``flips_every: 1``) and the whole interval otherwise.
+
+    The forward's codes change for two reasons, counted apart: the optimizer moved the weight (``flips``:
+    the weight now against the previous codes, both at the previous measure's scale), and the scaler
+    moved the scale (``recoded``: the weight now at the new scale against the same at the old one). A
+    delayed scale moves on most steps and re-codes a share of every weight that has nothing to do with
+    its update, so only ``flips`` enter the stall ratio.
+
+    The first measure() after :meth:`track` has nothing to compare with and reports None for both: the
+    codes at ``track`` time would use a scale the first forward has not set yet.
     """
 
     def __init__(self):
@@ -101,17 +118,18 @@ class FlipTracker:
         """Follow ``weight`` (the parameter itself, read at every measure) as ``fmt`` quantizes it.
 
         ``scale`` is the tensor the forward multiplies by before rounding, also read at every measure:
-        pass the ``Scaler.scale`` buffer, which the scaler updates in place. A scale change that moves
-        the grid counts as flips, since the forward's values change. Tracking a name again restarts it."""
+        pass the ``Scaler.scale`` buffer, which the scaler updates in place. Tracking a name again
+        restarts it."""
         self._tracked[name] = _Tracked(weight, get_format(fmt), scale)
 
-    def state_dict(self) -> dict[str, torch.Tensor | None]:
-        """The codes of the last measure, so a resumed run counts its first flips against them."""
-        return {name: t.codes for name, t in self._tracked.items()}
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor | None]]:
+        """The codes of the last measure and their scale, so a resumed run counts its first flips
+        against them and sees a scale that moved in between as re-coding."""
+        return {name: {"codes": t.codes, "scale": t.code_scale} for name, t in self._tracked.items()}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor | None]) -> None:
-        for name, codes in state.items():
-            self._tracked[name].codes = codes
+    def load_state_dict(self, state: dict[str, dict[str, torch.Tensor | None]]) -> None:
+        for name, saved in state.items():
+            self._tracked[name].codes, self._tracked[name].code_scale = saved["codes"], saved["scale"]
 
     @property
     def nbytes(self) -> int:
@@ -120,37 +138,50 @@ class FlipTracker:
 
     @torch.no_grad()
     def measure(self) -> dict[str, FlipCount]:
-        """Flips since the previous call and current updates, per tracked name, read back in one host
-        sync. 8-bit weights are encoded, compared and counted in fused passes, all in one call."""
+        """Flips and re-codes since the previous call and current updates, per tracked name. 8-bit
+        weights are encoded, compared and counted in fused passes, all in one call. Two host syncs: one
+        to see whether any scale moved (if none did, each weight is encoded once, not twice), one for
+        the counts."""
         if not self._tracked:
             return {}
         tracked = list(self._tracked.values())
         firsts = [t.codes is None for t in tracked]
-        codes, counts = _codes_and_counts(tracked)
+        codes, counts = _codes_and_counts(tracked, _any_scale_moved(tracked))
         for t, c in zip(tracked, codes):
-            t.codes = c
-        return {name: FlipCount(math.nan if first else float(flips), float(updates))
-                for name, first, (flips, updates) in zip(self._tracked, firsts, counts.tolist())}
+            t.codes, t.code_scale = c, None if t.scale is None else t.scale.detach().clone()
+        return {name: FlipCount(None if first else float(flips), float(updates), None if first else float(recoded))
+                for name, first, (flips, updates, recoded) in zip(self._tracked, firsts, counts.tolist())}
 
 
-def _codes_and_counts(tracked: list[_Tracked]) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Each weight's forward codes, and int64 ``[[flips against its previous codes, non-zero gradient
-    entries], ...]`` (0 without previous codes or gradient)."""
+def _any_scale_moved(tracked: list[_Tracked]) -> bool:
+    """Whether any weight's scale differs from the one its codes were taken at (a host sync, if any has)."""
+    moved = [t.scale != t.code_scale for t in tracked if t.codes is not None and t.scale is not None]
+    return bool(moved) and bool(torch.stack(moved).any())
+
+
+def _codes_and_counts(tracked: list[_Tracked], rescaled: bool) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each weight's forward codes at its current scale, and int64 ``[[flips, non-zero gradient entries,
+    re-codes], ...]`` as :class:`FlipCount` defines them (0 without previous codes or gradient). Without
+    ``rescaled`` every scale is taken to be the codes' own, and each weight is encoded once."""
     fused = [t for t in tracked if not t.fmt.is_native]
     weights = [_flat(f.weight) for f in fused]
     previous = [_flat(f.codes) for f in fused]
     grads = [_flat(f.weight.grad) for f in fused]
     scales = [_scale_tensor(f.scale, f.weight) for f in fused]
+    code_scales = [_scale_tensor(_code_scale(f), f.weight) for f in fused]
     params = [_code_params(f.fmt, True, 0x7F if f.fmt.has_nan else 0, _compute_dtype(f.weight.dtype), f.weight.device)
               for f in fused]  # the codes forward_codes gives
     # The first measure, with no codes to compare, is not worth compiling a graph for.
     size = sum(w.numel() for w in weights) if all(p is not None for p in previous) else 0
-    fused_out = iter(_call(_flip_kernel, size, weights, previous, grads, scales, params))
+    fused_out = iter(_call(_flip_kernel, size, weights, previous, grads, code_scales, scales, params,
+                           rescaled=rescaled))
     codes, counts = [], []
     for t in tracked:
         if t.fmt.is_native:
-            code = forward_codes(t.weight, t.fmt, t.scale)
-            count = _flip_counts(code, t.codes, t.weight.grad)
+            held = forward_codes(t.weight, t.fmt, _code_scale(t))
+            code = forward_codes(t.weight, t.fmt, t.scale) if rescaled and t.scale is not None else None
+            count = _flip_counts(held, t.codes, code, t.weight.grad)
+            code = held if code is None else code
         else:
             code, count = next(fused_out)
         codes.append(code.view(t.weight.shape))
@@ -158,25 +189,38 @@ def _codes_and_counts(tracked: list[_Tracked]) -> tuple[list[torch.Tensor], torc
     return codes, torch.stack(counts)
 
 
+def _code_scale(t: _Tracked) -> torch.Tensor | None:
+    """The scale to compare at: the previous codes' own, or the current one when there are none."""
+    return t.scale if t.codes is None else t.code_scale
+
+
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.reshape(-1).detach()  # not a view: the compiled graph's guards stay put
 
 
-def _flip_kernel(weights, previous, grads, scales, params) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per flat 8-bit weight: its uint8 codes and counts (see :func:`_codes_and_counts`). Compiled,
-    one call serves every weight."""
+def _flip_kernel(weights, previous, grads, code_scales, scales, params, rescaled: bool,
+                 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per flat 8-bit weight: its uint8 codes at its scale and counts (see :func:`_codes_and_counts`).
+    Compiled, one call serves every weight; ``rescaled`` picks one of two graphs."""
     out = []
-    for weight, before, grad, scale, code_params in zip(weights, previous, grads, scales, params):
-        codes = _code_numbers(weight, scale, signed_zero=False, **code_params)  # compared as numbers: faster
-        before = None if before is None else before.to(codes.dtype)
-        out.append((codes.to(torch.uint8), _flip_counts(codes, before, grad)))
+    for weight, before, grad, code_scale, scale, code_params in zip(weights, previous, grads, code_scales, scales,
+                                                                    params):
+        def codes_at(s):
+            return _code_numbers(weight, s, signed_zero=False, **code_params)  # compared as numbers: faster
+        held = codes_at(code_scale)
+        codes = codes_at(scale) if rescaled else None
+        before = None if before is None else before.to(held.dtype)
+        out.append(((held if codes is None else codes).to(torch.uint8), _flip_counts(held, before, codes, grad)))
     return out
 
 
-def _flip_counts(codes, previous, grad):
-    zero = torch.zeros((), dtype=torch.int64, device=codes.device)
-    return torch.stack([zero if previous is None else _count(codes != previous).long(),
-                        zero if grad is None else _count(grad != 0).long()])
+def _flip_counts(held, previous, rescaled, grad):
+    """``[#(held != previous), #(grad != 0), #(rescaled != held)]``, int64; 0 for a missing operand.
+    ``held`` are the codes now at the previous scale, ``rescaled`` those at the current one."""
+    zero = torch.zeros((), dtype=torch.int64, device=held.device)
+    return torch.stack([zero if previous is None else _count(held != previous).long(),
+                        zero if grad is None else _count(grad != 0).long(),
+                        zero if rescaled is None else _count(rescaled != held).long()])
 
 
 # ---- spectra --------------------------------------------------------------------------------------
@@ -253,34 +297,12 @@ def principal_subspace_angle(u_prev: torch.Tensor, u_cur: torch.Tensor) -> float
     return _subspace_angle_deg(u_prev.float(), u_cur.float()).item()
 
 
-def _topk_share(grad: torch.Tensor, u_k: torch.Tensor, v_k: torch.Tensor) -> torch.Tensor:
-    # ‖U_k U_kᵀ G V_k V_kᵀ‖F = ‖U_kᵀ G V_k‖F for orthonormal columns; 0 / 0 is NaN for a zero gradient.
-    return (u_k.mT @ grad @ v_k).square().sum() / grad.square().sum()
-
-
-def gradient_topk_share(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, k: int) -> float:
-    """Share of ‖G‖F² that falls in the span of the top-k singular directions, ‖U_k U_kᵀ G V_k V_kᵀ‖F²
-    / ‖G‖F², in [0, 1]; the rest is orthogonal to them on at least one side. NaN for a zero gradient.
-
-    ``u`` and ``v`` hold the left and right singular vectors as columns (``v = Vh.mT``). Near 1 the step
-    rewrites the directions the layer already uses; a random gradient puts about k² / (m n) there."""
-    return _topk_share(grad.float(), u[:, :k].float(), v[:, :k].float()).item()
-
-
-def critical_layer_metrics(weight: torch.Tensor, *, grad: torch.Tensor | None = None,
-                           previous_basis: torch.Tensor | None = None, k: int = 8,
-                           ) -> tuple[dict[str, float], torch.Tensor | None]:
-    """:func:`rank_metrics` plus ``subspace_angle_deg`` and ``grad_topk_share``, from one eigen-
-    decomposition of the Gram matrix.
-
-    Returns ``(metrics, basis)``: ``basis`` is the top-k left singular vectors (k capped at min(m, n)),
-    float32; pass it back as ``previous_basis`` at the layer's next check. The angle is NaN without a
-    previous basis, the share NaN without a gradient or with a zero one. Both are NaN, and ``basis`` is
-    None, when the top-k subspace is not defined: fewer than k singular values above the noise floor (the
-    decomposition then fills the subspace with arbitrary null directions) or a non-finite weight. A tie
-    between the k-th and (k+1)-th singular values also leaves it undefined, which no cheap test can see.
-    """
-    matrix, finite = _finite_matrix(weight)
+def _top_singular(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Descending singular values of a float64 matrix and its top-k left and right singular vectors
+    (float32 columns, k capped at min(m, n)), from one eigendecomposition of the Gram matrix, and
+    whether that subspace is defined: k singular values above the noise floor (else the decomposition
+    fills it with arbitrary null directions). A tie between the k-th and (k+1)-th singular values also
+    leaves it undefined, which no cheap test can see."""
     gram, tall = _gram(matrix)
     eigenvalues, vectors = torch.linalg.eigh(gram)
     s = _singular_values(eigenvalues)
@@ -291,17 +313,82 @@ def critical_layer_metrics(weight: torch.Tensor, *, grad: torch.Tensor | None = 
     # column-major, which torch's matmul handles ten times slower.)
     top = vectors[:, -k:].flip(1).contiguous()
     other = (matrix @ top if tall else matrix.mT @ top) / torch.where(s[:k] > floor, s[:k], 1.0)
-    basis, v_k = (t.float() for t in ((other, top) if tall else (top, other)))
-    nan = torch.full((), math.nan, device=s.device)
-    angle = nan if previous_basis is None else _subspace_angle_deg(previous_basis.float(), basis)
-    share = nan if grad is None else _topk_share(grad.detach().float(), basis, v_k)
-    defined = finite & (s[k - 1] > floor)
-    *values, ok = torch.cat([
-        torch.where(finite, _rank_values(s, matrix.shape), math.nan),
-        torch.where(defined, torch.stack([angle, share]).double(), math.nan),
-        defined.double()[None],
-    ]).tolist()
-    return dict(zip(RANK_KEYS + CLOBBER_KEYS, values)), basis if ok else None
+    u_k, v_k = (t.float() for t in ((other, top) if tall else (top, other)))
+    return s, u_k, v_k, s[k - 1] > floor
+
+
+def _gradient_shares(grad: torch.Tensor, u_k: torch.Tensor, v_k: torch.Tensor,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[grad_topk_share, principal_alignment, minor_alignment]`` on device (see
+    :func:`critical_layer_metrics`), and whether the gradient is non-zero (else they are 0 / 0)."""
+    # ‖U_k U_kᵀ G‖F = ‖U_kᵀ G‖F and ‖U_k U_kᵀ G V_k V_kᵀ‖F = ‖U_kᵀ G V_k‖F for orthonormal columns.
+    left = u_k.mT @ grad
+    total = grad.square().sum()
+    both_sides = (left @ v_k).square().sum() / total
+    principal = (left.square().sum() / total).clamp(max=1.0)  # rounding must not push minor below 0
+    return torch.stack([both_sides, principal, 1 - principal]), total != 0
+
+
+def _python_values(values: torch.Tensor, measured: torch.Tensor) -> list[float | None]:
+    """``values`` as floats where ``measured`` (broadcast to them), None where not, after one host sync."""
+    values, measured = torch.stack([values.double(), measured.double().expand(values.shape)]).tolist()
+    return [value if ok else None for value, ok in zip(values, measured)]
+
+
+def gradient_topk_share(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, k: int) -> float | None:
+    """Share of ‖G‖F² that falls in the span of the top-k singular directions, ‖U_k U_kᵀ G V_k V_kᵀ‖F²
+    / ‖G‖F², in [0, 1]; the rest is orthogonal to them on at least one side. None for a zero gradient.
+
+    ``u`` and ``v`` hold the left and right singular vectors as columns (``v = Vh.mT``). Near 1 the step
+    rewrites the directions the layer already uses; a random gradient puts about k² / (m n) there."""
+    shares, nonzero = _gradient_shares(grad.float(), u[:, :k].float(), v[:, :k].float())
+    return _python_values(shares[:1], nonzero)[0]
+
+
+def gradient_alignment(grad: torch.Tensor, weight: torch.Tensor, k: int) -> tuple[float | None, float | None]:
+    """``(principal, minor)``: the shares of ‖G‖F² inside and outside the span of the weight's top-k
+    left singular vectors, ‖U_k U_kᵀ G‖F² / ‖G‖F² and 1 minus that (k capped at min(m, n)).
+
+    Principal near 1: the step pushes on the directions the layer's output already uses (it can rotate
+    or rescale them); a random gradient puts about k / m there. One eigendecomposition, as in
+    :func:`critical_layer_metrics`, which returns the same two as ``principal_alignment`` and
+    ``minor_alignment``. ``(None, None)``, not measured, for a zero gradient or an undefined top-k
+    subspace (fewer than k singular values above the noise floor); NaN for a non-finite weight or
+    gradient. Mismatched shapes or k < 1 raise ValueError."""
+    if grad.shape != weight.shape:
+        raise ValueError(f"grad shape {tuple(grad.shape)} differs from weight shape {tuple(weight.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    matrix, finite = _finite_matrix(weight)
+    _, u_k, v_k, defined = _top_singular(matrix, k)
+    shares, nonzero = _gradient_shares(grad.detach().float(), u_k, v_k)
+    principal, minor = _python_values(torch.where(finite, shares[1:], math.nan), (defined & nonzero) | ~finite)
+    return principal, minor
+
+
+def critical_layer_metrics(weight: torch.Tensor, *, grad: torch.Tensor | None = None,
+                           previous_basis: torch.Tensor | None = None, k: int = 8,
+                           ) -> tuple[dict[str, float | None], torch.Tensor | None]:
+    """:func:`rank_metrics` plus the clobbering signals ``subspace_angle_deg``, ``grad_topk_share``
+    (:func:`gradient_topk_share`), ``principal_alignment`` and ``minor_alignment``
+    (:func:`gradient_alignment`), from one eigendecomposition of the Gram matrix.
+
+    Returns ``(metrics, basis)``: ``basis`` is the top-k left singular vectors (k capped at min(m, n)),
+    float32; pass it back as ``previous_basis`` at the layer's next check. Not measured, so None: the
+    angle without a previous basis, the gradient shares without a gradient or with a zero one, and all
+    four when the top-k subspace is undefined (see :func:`gradient_alignment`), ``basis`` then None too.
+    A non-finite weight makes every value NaN and ``basis`` None.
+    """
+    matrix, finite = _finite_matrix(weight)
+    s, basis, v_k, defined = _top_singular(matrix, k)
+    nan = torch.full((), math.nan, dtype=torch.float64, device=s.device)
+    angle = nan if previous_basis is None else _subspace_angle_deg(previous_basis.float(), basis).double()
+    shares, nonzero = (nan.expand(3), False) if grad is None else _gradient_shares(grad.detach().float(), basis, v_k)
+    values = torch.cat([_rank_values(s, matrix.shape), angle[None], shares.double(), defined.double()[None]])
+    always, rotated, pushed = torch.ones_like(defined), defined & (previous_basis is not None), defined & nonzero
+    measured = torch.stack([always] * 3 + [rotated] + [pushed] * 3 + [always])
+    *values, ok = _python_values(torch.where(finite, values, nan), measured | ~finite)
+    return dict(zip(RANK_KEYS + CLOBBER_KEYS, values)), basis if ok == 1 else None  # NaN: not finite
 
 
 # ---- rank-collapse warnings -----------------------------------------------------------------------
@@ -311,7 +398,7 @@ class RankTrendConfig:
     """Knobs of :class:`RankTrendDetector`. Every duration is in training steps, whatever the check
     interval, so ``rank_every`` changes how often the detector looks, not when it may warn."""
 
-    warmup_steps: int = 200  # no warning before this step; the reference level is taken from here on
+    warmup_steps: int = 200  # no warning before this step, and the values before it are not looked at
     ema_beta: float = 0.98  # EMA decay per training step: a memory of about 1 / (1 - beta) = 50 steps
     drop_threshold: float = 0.5  # warn when the EMA falls below (1 - this) x its peak since warm-up
     critical_drop_threshold: float = 0.3  # the same for critical layers: smaller, so they warn sooner
@@ -335,20 +422,27 @@ class RankTrendConfig:
 
 @dataclass
 class _Trend:
-    ema: float
     step: int  # of the last finite value
-    peak: float = -math.inf  # highest EMA since warm-up ended
+    ema: float | None = None  # None until the first finite value at or after warm-up, where it starts
+    peak: float | None = None  # highest EMA since then
 
 
 class RankTrendDetector:
     """Warns when a layer's rank metric has fallen well below its post-warm-up peak.
 
-    Per layer it keeps an EMA that decays by ``ema_beta`` per training step, so a sparse check weighs
-    the new value by ``1 - ema_beta ** steps_since_last_check``. From ``warmup_steps`` on it records
-    the EMA's peak and warns while the EMA is below ``(1 - drop_threshold) x peak`` (the critical
-    threshold for critical layers). The peak rather than the level at the end of warm-up, so that a
-    layer that first grows and then collapses is caught. Warm-up is where ranks are expected to move: a
-    collapse inside it becomes the reference, not a warning.
+    Warm-up is where ranks are expected to move, so the detector looks at what follows it only: its EMA
+    starts at the layer's first value at or after ``warmup_steps``, and warns while it is below
+    ``(1 - drop_threshold) x`` its peak since then (the critical threshold for critical layers). The peak
+    rather than the level at the end of warm-up, so that a layer that first grows and then collapses is
+    caught; a fresh EMA rather than one carried through warm-up, whose lag would remember the higher
+    ranks of early training and warn about a rank that fell during warm-up and has since risen.
+
+    The EMA decays by ``ema_beta`` per training step, so a sparse check weighs the new value by
+    ``1 - ema_beta ** steps_since_last_check``: it stands for the whole interval since the last check.
+    Hence a drop from a steady level by a share ``d`` above the threshold ``t`` warns at the first check
+    at least ``ln(d / (d - t)) / -ln(ema_beta)`` steps after the last check before the drop, whatever
+    ``rank_every``: at the defaults, 49 steps for an 80% drop of a normal layer and 24 for a critical
+    one, so within 2 checks with ``rank_every: 25`` or ``50``.
     """
 
     def __init__(self, config: RankTrendConfig = RankTrendConfig()):
@@ -367,7 +461,7 @@ class RankTrendDetector:
         return any(fnmatchcase(layer, f"*{pattern}*") for pattern in self.config.critical_patterns)
 
     def update(self, layer: str, step: int, value: float) -> bool:
-        """Feed the layer's metric at ``step``; returns whether it warns now.
+        """Feed the layer's metric at ``step``; returns whether it warns now (never during warm-up).
 
         A NaN or inf value is skipped: no warning, and the EMA, peak and step stay as they were. A second
         value at the same step weighs nothing; a step earlier than the last one raises ValueError."""
@@ -375,15 +469,18 @@ class RankTrendDetector:
             return False
         trend = self._trends.get(layer)
         if trend is None:
-            trend = self._trends[layer] = _Trend(ema=value, step=step)
+            trend = self._trends[layer] = _Trend(step)
         elif step < trend.step:
             raise ValueError(f"{layer}: step {step} comes before the previous step {trend.step}")
+        if step < self.config.warmup_steps:
+            trend.step = step
+            return False
+        if trend.ema is None:
+            trend.ema = trend.peak = value
         else:
             keep = self.config.ema_beta ** (step - trend.step)
             trend.ema = keep * trend.ema + (1 - keep) * value
-            trend.step = step
-        if step < self.config.warmup_steps:
-            return False
-        trend.peak = max(trend.peak, trend.ema)
+            trend.peak = max(trend.peak, trend.ema)
+        trend.step = step
         drop = self.config.critical_drop_threshold if self.is_critical(layer) else self.config.drop_threshold
         return trend.ema < (1 - drop) * trend.peak

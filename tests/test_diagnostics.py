@@ -1,6 +1,7 @@
 """Diagnostics against independent references: codes from ``encode`` and values from ``quantize`` for
 flips, numpy's SVD for the spectra, and synthetic series with a known answer for the trend detector."""
 
+import io
 import math
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 import altgrad.quantize as quantize_module
 from altgrad.diagnostics import (CLOBBER_KEYS, RANK_KEYS, FlipTracker, RankTrendConfig, RankTrendDetector,
-                                 critical_layer_metrics, gradient_topk_share, principal_subspace_angle,
+                                 critical_layer_metrics, gradient_alignment, gradient_topk_share,
+                                 principal_subspace_angle,
                                  rank_metrics, stall_ratio)
 from altgrad.formats import get_format
 from altgrad.quantize import encode, quantize
@@ -41,7 +43,7 @@ def test_flips_match_a_direct_comparison(spec, scale):
 
     sgd_step(weight, generator)
     first = tracker.measure()["w"]
-    assert math.isnan(first.flips)  # nothing to compare with yet
+    assert first.flips is None and first.recoded is None  # nothing to compare with yet
     assert first.updates == torch.count_nonzero(weight.grad).item()
 
     fmt = get_format(spec)
@@ -53,9 +55,9 @@ def test_flips_match_a_direct_comparison(spec, scale):
             return encode(w, fmt, scale=scale)
     before = codes(weight.detach().clone())
     sgd_step(weight, generator)
-    flips, updates = tracker.measure()["w"]
+    flips, updates, recoded = tracker.measure()["w"]
     expected = torch.count_nonzero(codes(weight.detach()) != before).item()
-    assert 0 < flips == expected
+    assert 0 < flips == expected and recoded == 0
     assert updates == torch.count_nonzero(weight.grad).item()
     assert stall_ratio(flips, updates) == 1 - expected / updates
     assert tracker.nbytes == weight.numel() * CODE_BYTES.get(spec, 1)
@@ -88,15 +90,86 @@ def test_measure_handles_several_layers_missing_grads_and_nan_weights():
         layers["a"][0, 0] = math.nan  # E2M5 has no NaN code: counted as zero, never raises
     counts = tracker.measure()
     assert list(counts) == ["a", "b", "c"]
-    assert counts["a"] == (1.0, 0.0) and counts["b"] == (0.0, 0.0) and counts["c"] == (0.0, 0.0)
-    assert math.isnan(stall_ratio(*counts["b"]))
+    assert counts["a"] == (1.0, 0.0, 0.0) and counts["b"] == (0.0, 0.0, 0.0) and counts["c"] == (0.0, 0.0, 0.0)
+    assert stall_ratio(counts["b"].flips, counts["b"].updates) is None
 
 
 def test_stall_ratio_edge_cases():
     assert stall_ratio(3, 4) == 0.25
-    assert stall_ratio(5, 4) == -0.25  # more flips than gradients: momentum, decay or a scale change
-    assert math.isnan(stall_ratio(0, 0))
-    assert math.isnan(stall_ratio(math.nan, 10))
+    assert stall_ratio(5, 4) == -0.25  # more flips than gradients: momentum or weight decay
+    assert stall_ratio(0, 0) is None  # nothing updated: not measured
+    assert stall_ratio(None, 10) is None  # the first measure
+
+
+def direct_codes(spec: str, weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """What the forward computes from ``weight`` at ``scale``, as codes (8-bit) or values (native, where
+    -0 == +0 as the tracker wants): encode and torch's casts, not the tracker's own code path."""
+    fmt = get_format(spec)
+    if fmt.is_native:
+        return (weight.detach() * scale).to(fmt.torch_dtype)
+    return encode(weight.detach(), fmt, scale=scale)
+
+
+def count_changed(a: torch.Tensor, b: torch.Tensor) -> int:
+    return torch.count_nonzero(a != b).item()
+
+
+@pytest.mark.parametrize("moved", ["scale", "weights", "both"])
+@pytest.mark.parametrize("spec", FORMATS)
+def test_flips_are_counted_at_a_fixed_scale_and_recodes_apart(spec, moved):
+    """Flips: the weight now against the previous codes, both at the previous scale; re-codes: the weight
+    now at the new scale against the same at the old one."""
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.nn.Parameter((0.05 + 0.05 * torch.rand(64, 64, generator=generator))
+                                * (torch.randint(0, 2, (64, 64), generator=generator) * 2 - 1))
+    old_scale, new_scale = 3.0, (3.3 if moved != "weights" else 3.0)
+    scale = torch.tensor(old_scale)  # moved in place, as Scaler.scale is
+    tracker = FlipTracker()
+    tracker.track("w", weight, spec, scale)
+    sgd_step(weight, generator)
+    tracker.measure()
+    before = weight.detach().clone()
+    if moved == "scale":
+        weight.grad = torch.ones_like(weight)  # a gradient, but no step
+    else:
+        sgd_step(weight, generator)
+    scale.fill_(new_scale)
+    flips, updates, recoded = tracker.measure()["w"]
+    assert flips == count_changed(direct_codes(spec, weight, old_scale), direct_codes(spec, before, old_scale))
+    assert recoded == count_changed(direct_codes(spec, weight, new_scale), direct_codes(spec, weight, old_scale))
+    assert updates == torch.count_nonzero(weight.grad).item()
+    assert (flips > 0) == (moved != "scale") and (recoded > 0) == (moved != "weights")
+    assert tracker.measure()["w"][::2] == (0.0, 0.0)  # the codes kept are those at the new scale
+
+
+def test_state_dict_keeps_the_codes_and_their_scale():
+    generator = torch.Generator().manual_seed(4)
+    weights = {"e4m3": torch.nn.Parameter(torch.randn(32, 48, generator=generator) * 0.05),
+               "bf16": torch.nn.Parameter(torch.randn(32, 48, generator=generator) * 0.05)}
+    scales = {name: torch.tensor(100.0) for name in weights}
+    tracker, resumed = FlipTracker(), FlipTracker()
+    for name, weight in weights.items():
+        tracker.track(name, weight, name.upper(), scales[name])
+        resumed.track(name, weight, name.upper(), scales[name])
+        sgd_step(weight, generator)
+    tracker.measure()
+    state = tracker.state_dict()
+    saved = io.BytesIO()
+    torch.save(state, saved)  # as the trainer's checkpoint does
+    saved.seek(0)
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    befores = {name: weight.detach().clone() for name, weight in weights.items()}
+    for name, weight in weights.items():
+        sgd_step(weight, generator)
+        scales[name].fill_(130.0)  # after the state was taken: it must hold a copy of the scale
+    expected = tracker.measure()
+    assert resumed.measure() == expected
+    for name, weight in weights.items():
+        spec = name.upper()
+        assert expected[name].flips == count_changed(direct_codes(spec, weight, 100.0),
+                                                     direct_codes(spec, befores[name], 100.0)) > 0
+        assert expected[name].recoded == count_changed(direct_codes(spec, weight, 130.0),
+                                                       direct_codes(spec, weight, 100.0)) > 0
 
 
 def test_compiled_measure_matches_eager(monkeypatch):
@@ -108,20 +181,23 @@ def test_compiled_measure_matches_eager(monkeypatch):
         generator = torch.Generator().manual_seed(2)
         weights = [torch.nn.Parameter(torch.randn(24, 40, generator=generator) * 0.05) for _ in range(4)]
         tracker = FlipTracker()
+        scale = torch.tensor(30.0)
         for i, (weight, spec) in enumerate(zip(weights, ["E4M3", "E2M5", "fp16", "E5M2"])):
-            tracker.track(str(i), weight, spec, torch.tensor(30.0) if i == 0 else None)
+            tracker.track(str(i), weight, spec, scale if i == 0 else None)
         counts = []
-        for step in range(3):
+        for step in range(4):
             for weight in weights:
                 sgd_step(weight, generator, lr=0.01)
             weights[3].grad = None  # a weight without a gradient
             with torch.no_grad():
                 weights[1][0, step] = math.nan
+            if step >= 2:
+                scale.fill_(30.0 + step)  # both graphs: with and without a moved scale
             counts.append(tracker.measure())
         runs.append((counts, tracker.state_dict()))
-    (eager, eager_codes), (compiled, compiled_codes) = runs
-    assert str(eager) == str(compiled)  # NaN at the first measure compares equal as text
-    assert all(torch.equal(eager_codes[name], compiled_codes[name]) for name in eager_codes)
+    (eager, eager_state), (compiled, compiled_state) = runs
+    assert eager == compiled and eager[2]["0"].recoded > 0 and eager[1]["0"].recoded == 0
+    assert all(torch.equal(eager_state[name]["codes"], compiled_state[name]["codes"]) for name in eager_state)
 
 
 # ---- rank metrics ---------------------------------------------------------------------------------
@@ -250,7 +326,7 @@ def test_gradient_topk_share_matches_constructed_cases_and_numpy():
     mixed = inside + outside  # orthogonal parts: their squared norms add
     assert share(mixed) == pytest.approx(float((inside**2).sum() / (mixed**2).sum()), rel=1e-5)
     assert share(grad) == pytest.approx(expected, rel=1e-5)
-    assert math.isnan(share(np.zeros((24, 16))))
+    assert share(np.zeros((24, 16))) is None  # no direction: not measured
 
 
 def test_critical_layer_metrics_from_one_svd():
@@ -262,14 +338,74 @@ def test_critical_layer_metrics_from_one_svd():
     metrics, basis = critical_layer_metrics(weight, grad=inside, k=k)
     assert set(metrics) == set(RANK_KEYS + CLOBBER_KEYS)
     assert {key: metrics[key] for key in RANK_KEYS} == pytest.approx(rank_metrics(weight), rel=1e-5)
-    assert math.isnan(metrics["subspace_angle_deg"])  # first check: no previous basis
+    assert metrics["subspace_angle_deg"] is None  # first check: no previous basis
     assert metrics["grad_topk_share"] == pytest.approx(1.0, abs=1e-5)
+    assert (metrics["principal_alignment"], metrics["minor_alignment"]) == pytest.approx((1.0, 0.0), abs=1e-5)
     assert basis.shape == (40, k)
     assert numpy_largest_angle_deg(basis.double().numpy(), u[:, :k]) == pytest.approx(0.0, abs=0.1)
 
     again, _ = critical_layer_metrics(weight * 2, grad=torch.zeros_like(weight), previous_basis=basis, k=k)
     assert again["subspace_angle_deg"] == pytest.approx(0.0, abs=0.1)
-    assert math.isnan(again["grad_topk_share"])
+    assert all(again[key] is None for key in CLOBBER_KEYS[1:])  # a zero gradient
+
+
+def test_quantization_noise_inflates_the_effective_rank_so_the_master_is_measured_too():
+    """A low-rank-plus-noise weight: E7M0's rounding (to powers of two) adds noise in every direction, so
+    the quantized copy's effective rank is far above the master's. rank_metrics takes either."""
+    rng = np.random.default_rng(8)
+    signal = rng.standard_normal((128, 8)) @ rng.standard_normal((8, 96)) / math.sqrt(8)
+    master = torch.tensor(0.02 * (signal + 0.03 * rng.standard_normal((128, 96))), dtype=torch.float32)
+    quantized = quantize(master, "E7M0")
+    ours = {name: rank_metrics(w) for name, w in (("master", master), ("quantized", quantized))}
+    for name, w in (("master", master), ("quantized", quantized)):
+        assert ours[name]["effective_rank"] == pytest.approx(numpy_rank_metrics(w.double().numpy())[1], rel=1e-4)
+    assert ours["master"]["effective_rank"] < 15 < 30 < ours["quantized"]["effective_rank"]  # 12.4 and 32.5
+
+
+def alignment_case(rng: np.random.Generator, rows: int, cols: int, k: int):
+    """A rank-10 weight with known left singular vectors (the first 10 columns of an orthonormal basis
+    of R^rows), and gradients inside, orthogonal to and half in its top-k left subspace."""
+    basis = orthonormal(rng, rows, rows)
+    weight = basis[:, :10] @ np.diag(np.arange(10, 0, -1.0)) @ orthonormal(rng, cols, 10).T
+    inside = basis[:, :k] @ rng.standard_normal((k, cols))  # any right factor: only the left side counts
+    outside = basis[:, k:] @ rng.standard_normal((rows - k, cols))
+    half = inside / np.linalg.norm(inside) + outside / np.linalg.norm(outside)
+    return weight, {"inside": (inside, 1.0), "orthogonal": (outside, 0.0), "half in": (half, 0.5)}
+
+
+@pytest.mark.parametrize("shape", [(24, 40), (40, 24)])  # wide and tall: the Gram matrix of either side
+def test_gradient_alignment_matches_constructed_cases_and_numpy(shape):
+    rng = np.random.default_rng(9)
+    k = 3
+    weight, cases = alignment_case(rng, *shape, k)
+    for name, (grad, principal) in cases.items():
+        ours = gradient_alignment(torch.tensor(grad, dtype=torch.float32), torch.tensor(weight, dtype=torch.float32), k)
+        assert ours == pytest.approx((principal, 1 - principal), abs=1e-5), name
+        assert sum(ours) == pytest.approx(1.0, abs=1e-12)
+    grad = rng.standard_normal(shape)
+    u_k = np.linalg.svd(weight)[0][:, :k]
+    expected = float(((u_k.T @ grad) ** 2).sum() / (grad**2).sum())
+    ours = gradient_alignment(torch.tensor(grad), torch.tensor(weight), k)
+    assert ours == pytest.approx((expected, 1 - expected), rel=1e-5)
+    metrics, _ = critical_layer_metrics(torch.tensor(weight), grad=torch.tensor(grad), k=k)
+    assert (metrics["principal_alignment"], metrics["minor_alignment"]) == pytest.approx(ours, rel=1e-6)
+    assert metrics["grad_topk_share"] < metrics["principal_alignment"]  # both sides project more away
+
+
+def test_gradient_alignment_not_measured_non_finite_and_bad_input():
+    rng = np.random.default_rng(10)
+    weight = torch.tensor(rng.standard_normal((20, 16)), dtype=torch.float32)
+    assert gradient_alignment(torch.zeros(20, 16), weight, 4) == (None, None)  # no direction
+    low_rank = torch.tensor(rng.standard_normal((20, 2)) @ rng.standard_normal((2, 16)), dtype=torch.float32)
+    assert gradient_alignment(torch.ones(20, 16), low_rank, 4) == (None, None)  # top-4 subspace undefined
+    diverged = weight.clone()
+    diverged[0, 0] = math.inf
+    assert all(math.isnan(value) for value in gradient_alignment(torch.ones(20, 16), diverged, 4))
+    assert all(math.isnan(value) for value in gradient_alignment(torch.full((20, 16), math.nan), weight, 4))
+    with pytest.raises(ValueError, match="grad shape"):
+        gradient_alignment(torch.ones(16, 20), weight, 4)
+    with pytest.raises(ValueError, match="k must"):
+        gradient_alignment(torch.ones(20, 16), weight, 0)
 
 
 @pytest.mark.parametrize("case", ["rank below k", "zero", "non-finite"])
@@ -282,7 +418,10 @@ def test_critical_layer_metrics_without_a_defined_subspace(case):
     }[case]
     metrics, basis = critical_layer_metrics(weight, grad=torch.ones(20, 16), previous_basis=torch.eye(20)[:, :4], k=4)
     assert basis is None
-    assert math.isnan(metrics["subspace_angle_deg"]) and math.isnan(metrics["grad_topk_share"])
+    if case == "non-finite":  # measured, and it diverged
+        assert all(math.isnan(metrics[key]) for key in RANK_KEYS + CLOBBER_KEYS)
+    else:  # nothing to measure
+        assert all(metrics[key] is None for key in CLOBBER_KEYS)
     if case == "rank below k":
         assert metrics["stable_rank"] == pytest.approx(numpy_rank_metrics(weight.double().numpy())[0], rel=1e-4)
 
@@ -322,6 +461,52 @@ def test_critical_threshold_fires_earlier_on_the_same_series():
     first_normal = warning_steps(detector, NORMAL, series)[0]
     first_critical = warning_steps(detector, CRITICAL, series)[0]
     assert first_critical < first_normal
+
+
+@pytest.mark.parametrize("every", [1, 25, 50])
+def test_a_rank_that_fell_in_warmup_and_then_rose_never_warns(every):
+    """The smoke run's lm_head (E0M7, manifold): stable rank 6.2 -> 1.60 by step 100 (the end of warm-up),
+    then slowly up. An EMA carried through warm-up remembers the early 6.2 and warned once it forgot."""
+    series = {step: 6.2 - 4.6 * step / 100 if step <= 100 else 1.6 + 0.08 * (step - 100) / 100
+              for step in range(every, 1001, every)}
+    detector = RankTrendDetector(RankTrendConfig(warmup_steps=100))
+    assert warning_steps(detector, CRITICAL, series) == []
+
+
+@pytest.mark.parametrize("layer", [NORMAL, CRITICAL])
+@pytest.mark.parametrize("every", [1, 25, 50])
+def test_a_collapse_after_warmup_warns_as_documented(every, layer):
+    """A drop by d = 80% after a flat stretch warns at the first check at least ln(d / (d - t)) / -ln(beta)
+    steps after the last check before it (t the threshold): 49 steps (normal) or 24 (critical), so within
+    2 checks at rank_every 25 or 50. Warm-up ends at 200, inside the flat stretch."""
+    drop_step = 500
+    series = {step: 10.0 if step < drop_step else 2.0 for step in range(every, 1001, every)}
+    detector = RankTrendDetector()
+    threshold = detector.config.critical_drop_threshold if layer == CRITICAL else detector.config.drop_threshold
+    lag = math.ceil(math.log(0.8 / (0.8 - threshold)) / -math.log(detector.config.ema_beta))
+    assert lag == (24 if layer == CRITICAL else 49)
+    last_before = max(step for step in series if step < drop_step)
+    expected = min(step for step in series if step >= last_before + lag)
+    warned = warning_steps(detector, layer, series)
+    assert warned[0] == expected and warned == [step for step in series if step >= expected]
+    assert len([step for step in series if drop_step <= step <= expected]) <= (2 if every >= 25 else lag)
+
+
+@pytest.mark.parametrize("resume_at", [60, 200, 520])  # in warm-up, at its end, mid-collapse
+def test_resuming_from_the_state_dict_gives_identical_decisions(resume_at):
+    rng = np.random.default_rng(11)
+    series = {step: (6.0 if step < 100 else 10.0 if step < 500 else 2.0) * (1 + rng.uniform(-0.05, 0.05))
+              for step in range(0, 1000, 20)}
+    expected = warning_steps(RankTrendDetector(), CRITICAL, series)
+    first = RankTrendDetector()
+    before = warning_steps(first, CRITICAL, {step: v for step, v in series.items() if step < resume_at})
+    saved = io.BytesIO()
+    torch.save(first.state_dict(), saved)  # as the trainer's checkpoint does
+    saved.seek(0)
+    resumed = RankTrendDetector()
+    resumed.load_state_dict(torch.load(saved, weights_only=True))
+    after = warning_steps(resumed, CRITICAL, {step: v for step, v in series.items() if step >= resume_at})
+    assert expected and before + after == expected
 
 
 def test_warmup_is_counted_in_steps_not_checks():
