@@ -139,9 +139,9 @@ class FlipTracker:
     @torch.no_grad()
     def measure(self) -> dict[str, FlipCount]:
         """Flips and re-codes since the previous call and current updates, per tracked name. 8-bit
-        weights are encoded, compared and counted in fused passes, all in one call. Two host syncs: one
-        to see whether any scale moved (if none did, each weight is encoded once, not twice), one for
-        the counts."""
+        weights are encoded, compared and counted in fused passes, all in one call. A host sync for the
+        counts, and one before to see whether any tracked scale moved: if none did, each weight is
+        encoded once, not twice."""
         if not self._tracked:
             return {}
         tracked = list(self._tracked.values())
@@ -205,10 +205,8 @@ def _flip_kernel(weights, previous, grads, code_scales, scales, params, rescaled
     out = []
     for weight, before, grad, code_scale, scale, code_params in zip(weights, previous, grads, code_scales, scales,
                                                                     params):
-        def codes_at(s):
-            return _code_numbers(weight, s, signed_zero=False, **code_params)  # compared as numbers: faster
-        held = codes_at(code_scale)
-        codes = codes_at(scale) if rescaled else None
+        held = _code_numbers(weight, code_scale, signed_zero=False, **code_params)  # compared as numbers: faster
+        codes = _code_numbers(weight, scale, signed_zero=False, **code_params) if rescaled else None
         before = None if before is None else before.to(held.dtype)
         out.append(((held if codes is None else codes).to(torch.uint8), _flip_counts(held, before, codes, grad)))
     return out
