@@ -53,6 +53,10 @@ SCHEMAS = {
         ("stall_ratio", _F64), ("rank_warning", _BOOL), ("layer_format", _STR), ("critical", _BOOL),
         ("subspace_angle_deg", _F64), ("grad_topk_share", _F64), ("weight_scale", _F64),
         ("overflow_frac", _F64), ("underflow_frac", _F64), ("recode_rate", _F64),
+        ("master_stable_rank", _F64), ("master_effective_rank", _F64), ("master_spectral_norm", _F64),
+        ("principal_alignment", _F64), ("minor_alignment", _F64),
+        ("weight_kurtosis", _F64), ("weight_amax", _F64), ("input_kurtosis", _F64), ("input_amax", _F64),
+        ("grad_norm", _F64), ("adam_ratio", _F64),
     ]),
 }
 

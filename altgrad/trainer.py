@@ -31,10 +31,10 @@ from tqdm.auto import tqdm
 from altgrad import results
 from altgrad.config import CellConfig, ConfigError
 from altgrad.data import get_batch, load_data
-from altgrad.diagnostics import FlipTracker, RankTrendDetector, critical_layer_metrics, rank_metrics, stall_ratio
-from altgrad.layers import POINTS, QuantLinear, apply_policy
+from altgrad.layers import QuantLinear, apply_policy
 from altgrad.model import GPT, GPTConfig
 from altgrad.optim import build_optimizer
+from altgrad.probes import PROBES
 
 Report = Callable[[dict, "Path | None"], None]
 
@@ -71,34 +71,6 @@ def _mean(values: list) -> float | None:
     return sum(measured) / len(measured) if measured else None
 
 
-def _ratio(numerator: float, denominator: float) -> float | None:
-    """A fraction of counted things; None when nothing was counted."""
-    return numerator / denominator if denominator else None
-
-
-class _Interval:
-    """Per-layer sums between two diagnostic steps (flips, updates, overflow/underflow counts)."""
-
-    def __init__(self, layers):
-        self.sums = {name: dict.fromkeys(("flips", "recoded", "updates", "flip_steps", "over", "under", "numel"), 0.0)
-                     for name in layers}
-
-    def add(self, name: str, **values: float) -> None:
-        for key, value in values.items():
-            if value is not None:  # not measured (the first flip count) adds nothing
-                self.sums[name][key] += value
-
-    def layer_summary(self, name: str, numel: int) -> dict:
-        s = self.sums[name]
-        return {
-            "flip_rate": _ratio(s["flips"], s["flip_steps"] * numel),
-            "recode_rate": _ratio(s["recoded"], s["flip_steps"] * numel),
-            "stall_ratio": stall_ratio(s["flips"], s["updates"]) if s["flip_steps"] else None,
-            "overflow_frac": _ratio(s["over"], s["numel"]),
-            "underflow_frac": _ratio(s["under"], s["numel"]),
-        }
-
-
 class Trainer:
     """Trains one cell. Build it, then :meth:`run`; :meth:`run` resumes from ``checkpoint_path`` if
     ``resume`` and the file exists."""
@@ -124,13 +96,7 @@ class Trainer:
                                          weight_decay=cell.weight_decay, seed=cell.seed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cell))
         self.batches = torch.Generator().manual_seed(cell.seed)
-        self.flips = FlipTracker()
-        for name, layer in self.layers.items():
-            self.flips.track(name, layer.weight, layer.weight_format, layer.weight_scale)
-        self.detector = RankTrendDetector(cell.rank_trend)
-        self.critical = [name for name in self.layers if self.detector.is_critical(name)]
-        self.bases: dict[str, torch.Tensor | None] = {}
-        self.interval = _Interval(self.layers)
+        self.probes = [probe(self) for probe in PROBES]
         self.rows = {table: results.RowLog(table) for table in ("steps", "layers")}
         self.step = 0
         self.state = {"best_val_loss": None, "final_val_loss": None, "first_warning_step": None, "wall_time_s": 0.0,
@@ -165,6 +131,8 @@ class Trainer:
                 self.state["stop_reason"] = "diverged"
             if self.step % cell.eval_every == 0 or self.step == cell.steps or self.state["stop_reason"]:
                 self._evaluate_and_report(report)
+            elif report and self._checks_ranks(self.step):
+                report(self.metrics(), None)  # the scheduler sees every rank check, not only evaluated ones
             bar.update(1)
             best = self.state["best_val_loss"]
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", **({} if best is None else {"val": f"{best:.3f}"}),
@@ -173,88 +141,55 @@ class Trainer:
         return self.summary(status="stopped" if self.state["stop_reason"] else "completed")
 
     def _train_step(self) -> dict:
-        cell, started = self.cell, time.perf_counter()
+        """One optimizer step, with every probe called at its point (see :class:`altgrad.probes.Probe`)."""
+        cell, started, step = self.cell, time.perf_counter(), self.step + 1
+        checking = self._checks_ranks(step)
         self.model.train()
+        for probe in self.probes:
+            probe.before_forward(step, checking)
         x, y = get_batch(self.data.train, cell.batch_size, cell.model.block_size, self.batches)
         _, loss = self.model(x.to(self.device), y.to(self.device))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cell.grad_clip or math.inf)
         lr = self.scheduler.get_last_lr()[-1]  # the plain group: cell.lr times the schedule
+        for probe in self.probes:
+            probe.before_optimizer_step(step, checking)
         self.optimizer.step()
         self.scheduler.step()
-        self.step += 1
-        row = {"trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer, "step": self.step,
+        self.step = step
+        row = {"trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer, "step": step,
                "train_loss": loss.item(), "val_loss": None, "lr": lr, "grad_norm": grad_norm.item(),
                "rank_warnings": None}
-        row.update(self._flip_columns())
-        row.update(self._stat_columns())
-        if cell.diagnostics.rank_every and self.step % cell.diagnostics.rank_every == 0:
-            row["rank_warnings"] = self._diagnose_layers()
+        for probe in self.probes:
+            row.update(probe.step_columns(step))
+        if checking:
+            row.update(self._check_layers())
         self.optimizer.zero_grad(set_to_none=True)
         row["tokens_per_s"] = cell.batch_size * cell.model.block_size / (time.perf_counter() - started)
         self.rows["steps"].append(row)
         return row
 
-    def _flip_columns(self) -> dict:
-        every = self.cell.diagnostics.flips_every
-        if not every or self.step % every:
-            return {"flips": None, "updates": None, "stall_ratio": None, "recoded": None}
-        counts = self.flips.measure()
-        for name, count in counts.items():
-            self.interval.add(name, flips=count.flips, updates=count.updates, recoded=count.recoded,
-                              flip_steps=float(count.flips is not None))
-        measured = all(c.flips is not None for c in counts.values())
-        flips = sum(c.flips for c in counts.values()) if measured else None
-        updates = sum(c.updates for c in counts.values())
-        recoded = sum(c.recoded for c in counts.values()) if measured else None
-        return {"flips": flips, "updates": updates, "stall_ratio": stall_ratio(flips, updates), "recoded": recoded}
+    def _checks_ranks(self, step: int) -> bool:
+        every = self.cell.diagnostics.rank_every
+        return bool(every) and step % every == 0
 
-    def _stat_columns(self) -> dict:
-        """Overflow/underflow fractions over every quantized point of every layer (and per point kind)."""
-        if not self.cell.diagnostics.stats:
-            return {}
-        totals = {point: [0.0, 0.0, 0.0] for point in POINTS}  # overflow, underflow, numel
-        nans = 0.0
+    def _check_layers(self) -> dict:
+        """A rank check: one ``layers`` row per layer from every probe; returns the check's ``steps``
+        columns (``rank_warnings``: how many critical layers warn now)."""
+        identity = {"trial_id": self.trial_id, "format": self.cell.format, "optimizer": self.cell.optimizer,
+                    "step": self.step}
         for name, layer in self.layers.items():
-            for point, s in layer.pop_stats().items():
-                if s["numel"]:
-                    over, under = s["overflow_frac"] * s["numel"], s["underflow_frac"] * s["numel"]
-                    totals[point] = [totals[point][0] + over, totals[point][1] + under, totals[point][2] + s["numel"]]
-                    self.interval.add(name, over=over, under=under, numel=s["numel"])
-                    nans += s["nan_count"]
-        over, under, numel = (sum(t[i] for t in totals.values()) for i in range(3))
-        columns = {"overflow_frac": _ratio(over, numel), "underflow_frac": _ratio(under, numel), "nan_count": nans}
-        for point, (o, u, n) in totals.items():
-            columns[f"overflow_frac_{point}"] = _ratio(o, n)
-            columns[f"underflow_frac_{point}"] = _ratio(u, n)
-        return columns
-
-    @torch.no_grad()
-    def _diagnose_layers(self) -> int:
-        """Rank metrics of every layer's weight as the forward sees it, warnings, and the clobbering
-        signals of critical layers (one SVD each). Returns how many critical layers warn now."""
-        warnings = 0
-        for name, layer in self.layers.items():
-            weight = layer.quantized_weight()
-            if name in self.critical:
-                metrics, self.bases[name] = critical_layer_metrics(weight, grad=layer.weight.grad,
-                                                                   previous_basis=self.bases.get(name))
-            else:
-                metrics = rank_metrics(weight)
-            warning = self.detector.update(name, self.step, metrics[self.cell.rank_trend.metric])
-            critical = name in self.critical
-            warnings += int(warning and critical)
-            self.rows["layers"].append({
-                "trial_id": self.trial_id, "format": self.cell.format, "optimizer": self.cell.optimizer,
-                "step": self.step, "layer": name, **metrics, "rank_warning": warning, "critical": critical,
-                "layer_format": layer.weight_format.name, "weight_scale": layer.weight_scale.item(),
-                **self.interval.layer_summary(name, layer.weight.numel()),
-            })
-        self.interval = _Interval(self.layers)
-        self.state["rank_warnings"], self.state["rank_check_step"] = warnings, self.step
-        if warnings and self.state["first_warning_step"] is None:
+            row = {**identity, "layer": name}
+            for probe in self.probes:
+                row.update(probe.layer_columns(name, layer))
+            self.rows["layers"].append(row)
+        columns = {}
+        for probe in self.probes:
+            columns.update(probe.check_columns(self.step))
+        self.state["rank_warnings"], self.state["rank_check_step"] = columns["rank_warnings"], self.step
+        if columns["rank_warnings"] and self.state["first_warning_step"] is None:
             self.state["first_warning_step"] = self.step
-        return warnings
+        return columns
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -325,8 +260,7 @@ class Trainer:
         state = {
             "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "batches": self.batches.get_state(),
-            "torch_rng": torch.get_rng_state(), "flips": self.flips.state_dict(),
-            "detector": self.detector.state_dict(), "bases": self.bases, "interval": self.interval.sums,
+            "torch_rng": torch.get_rng_state(), "probes": [probe.state_dict() for probe in self.probes],
             "rows": {table: rows.to_bytes() for table, rows in self.rows.items()}, "state": self.state,
             "data_fingerprint": self.data.fingerprint,
         }
@@ -349,8 +283,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.set_state(state["batches"])
         torch.set_rng_state(state["torch_rng"])
-        self.flips.load_state_dict(state["flips"])
-        self.detector.load_state_dict(state["detector"])
-        self.bases, self.interval.sums = state["bases"], state["interval"]
+        for probe, probe_state in zip(self.probes, state["probes"]):
+            probe.load_state_dict(probe_state)
         self.rows = {table: results.RowLog.from_bytes(table, data) for table, data in state["rows"].items()}
         self.state = state["state"]
