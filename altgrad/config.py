@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from altgrad.diagnostics import RankTrendConfig
+from altgrad.failure import FailureRules
 from altgrad.formats import get_format
 from altgrad.layers import LAYER_POLICIES
 from altgrad.optim import OPTIMIZERS
@@ -70,6 +71,7 @@ class CellConfig:
     grad_format: str | None = "E5M2"  # output-gradient format of 8-bit layers; null = not quantized
     scaling: ScalingConfig = field(default_factory=ScalingConfig)  # per-tensor scaling of every point
     rank_trend: RankTrendConfig = field(default_factory=RankTrendConfig)  # rank-collapse warnings
+    failure: FailureRules = field(default_factory=FailureRules)  # what counts as a failed run, fixed beforehand
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at every evaluation
 
@@ -78,7 +80,7 @@ class CellConfig:
 
 
 _NESTED = {"model": ModelSettings, "diagnostics": DiagnosticSettings, "scaling": ScalingConfig,
-           "rank_trend": RankTrendConfig}
+           "rank_trend": RankTrendConfig, "failure": FailureRules}
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -126,7 +128,7 @@ def _build(cls, raw, source: str, prefix: str = ""):
             values[key] = _coerce(source, dotted, value, defaults[key])
     try:
         return cls(**values)
-    except ValueError as error:  # the section's own checks (ScalingConfig, RankTrendConfig)
+    except ValueError as error:  # the section's own checks (ScalingConfig, RankTrendConfig, FailureRules)
         raise ConfigError(source, prefix.rstrip("."), str(error)) from None
 
 

@@ -38,6 +38,8 @@ SCHEMAS = {
         ("first_warning_step", _I64), ("wall_time_s", _F64), ("node_id", _STR),
         ("sweep", _STR), ("ulp_lr", _F64), ("steps_planned", _I64), ("error", _STR), ("config", _STR),
         ("started_at", _TIME), ("ended_at", _TIME), ("data_fingerprint", _STR),
+        ("failed", _BOOL), ("failure_step", _I64), ("failure_kind", _STR),
+        ("would_stop_step", _I64), ("would_stop_reason", _STR),
     ]),
     "steps": pa.schema([
         ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("train_loss", _F64),

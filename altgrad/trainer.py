@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from altgrad import results
 from altgrad.config import CellConfig, ConfigError
 from altgrad.data import get_batch, load_data
+from altgrad.failure import label_failure
 from altgrad.layers import QuantLinear, apply_policy
 from altgrad.model import GPT, GPTConfig
 from altgrad.optim import build_optimizer
@@ -245,6 +246,7 @@ class Trainer:
             "best_val_loss": self.state["best_val_loss"], "first_warning_step": self.state["first_warning_step"],
             "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "sweep": self.sweep, "error": error,
             "data_fingerprint": self.data.fingerprint,
+            **label_failure([r["step"] for r in steps], [r["train_loss"] for r in steps], cell.failure)._asdict(),
             "started_at": self.state["started_at"], "ended_at": self.state["ended_at"],
             "config": json.dumps(cell.to_dict(), sort_keys=True, default=list),
         }

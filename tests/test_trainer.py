@@ -174,3 +174,14 @@ def test_a_diverging_run_records_its_non_finite_loss_as_nan(tmp_path):
         pytest.fail(f"lr=1e4 did not diverge: {summary}")
     steps = pd.read_parquet(tmp_path / "res" / "steps")
     assert not math.isfinite(steps["train_loss"].iloc[-1])
+    assert summary["failed"] and summary["failure_kind"] in ("non_finite", "divergence")
+    assert 1 <= summary["failure_step"] <= summary["steps_completed"]
+
+
+def test_a_healthy_run_is_labelled_healthy_by_the_rules_in_its_cell(tmp_path):
+    _, summary = run(tiny_cell(steps=50), tmp_path)
+    assert (summary["failed"], summary["failure_step"], summary["failure_kind"]) == (False, None, None)
+    from altgrad.config import ConfigError
+
+    with pytest.raises(ConfigError, match="failure: .*loss_factor must be > 1, got 0.5"):
+        tiny_cell(failure={"loss_factor": 0.5})
