@@ -77,23 +77,28 @@ def _amax(x: torch.Tensor) -> torch.Tensor:
 
 
 class _QuantizeGrad(torch.autograd.Function):
-    """Identity forward; backward rounds the output gradient at the layer's "grad" point, so that the
-    weight and input gradients are computed from it, as in FP8 training."""
+    """Identity on ``y``; backward rounds the output gradient at the layer's "grad" point, so that the
+    weight and input gradients are computed from it, as in FP8 training. The bias, which ``y`` already
+    holds (added without autograd), gets the unrounded gradient summed as nn.Linear sums it: only
+    GEMM operands are 8-bit, as in Transformer Engine and torchao."""
 
     @staticmethod
-    def forward(ctx, y, layer):
-        ctx.layer = layer
+    def forward(ctx, y, bias, layer):
+        ctx.layer, ctx.bias_shape = layer, None if bias is None else bias.shape
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, grad):
-        return ctx.layer._quantize("grad", grad), None
+        bias_grad = grad.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[1] else None
+        return ctx.layer._quantize("grad", grad), bias_grad, None
 
 
 class QuantLinear(nn.Linear):
     """``nn.Linear`` with simulated low-precision weight, input activation and output gradient.
 
     Every point is scaled per ``config.scaling`` except fp32 and bf16 ones, which are plain casts.
+    The rounded output gradient feeds the input and weight gradients; the bias gradient is the sum of
+    the unquantized output gradient (only GEMM operands are 8-bit, as in Transformer Engine and torchao).
     In training mode each call advances the points' amax histories and, when ``stats_enabled``, adds
     to their on-device counts. In eval mode it uses the current scales and changes nothing, so
     evaluating never alters the training run.
@@ -117,7 +122,13 @@ class QuantLinear(nn.Linear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
-        """A QuantLinear that shares ``linear``'s parameters (so tied weights and optimizers still see them)."""
+        """A QuantLinear that shares ``linear``'s parameters (so tied weights and optimizers still see them).
+
+        >>> layer = QuantLinear.from_linear(nn.Linear(64, 32), QuantConfig(
+        ...     weight="E4M3", activation="E4M3", grad="E5M2", scaling=ScalingConfig(recipe="current")))
+        >>> layer.extra_repr()
+        'in_features=64, out_features=32, bias=True, weight=E4M3, input=E4M3, grad=E5M2'
+        """
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, config,
                     device=linear.weight.device, dtype=linear.weight.dtype)
         layer.weight, layer.bias = linear.weight, linear.bias
@@ -139,8 +150,12 @@ class QuantLinear(nn.Linear):
         return self._quantize_frozen("weight", self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(self._quantize("input", x), self._quantize("weight", self.weight), self.bias)
-        return _QuantizeGrad.apply(y, self) if "grad" in self.scalers and torch.is_grad_enabled() else y
+        x_q, weight_q = self._quantize("input", x), self._quantize("weight", self.weight)
+        if "grad" not in self.scalers or not torch.is_grad_enabled():
+            return F.linear(x_q, weight_q, self.bias)
+        # The bias stays inside F.linear's fused addmm, detached: _QuantizeGrad gives it its gradient.
+        y = F.linear(x_q, weight_q, None if self.bias is None else self.bias.detach())
+        return _QuantizeGrad.apply(y, self.bias, self)
 
     def _quantize(self, point: str, x: torch.Tensor) -> torch.Tensor:
         """Round ``x`` at one point: in training advancing its scale and counting, in eval changing nothing."""

@@ -50,12 +50,14 @@ def scale_from_amax(amax: torch.Tensor, fmt: FPFormat | str, *, margin: int = 0,
     fmt = get_format(fmt)
     amax = torch.as_tensor(amax, dtype=torch.float32)
     fallback = torch.ones_like(amax) if previous is None else previous
-    return _scale_from(amax, fmt.max_value, margin, power_of_two, fallback)
+    return _scale_from(amax, _max_value(fmt, torch.float32, amax.device), margin, power_of_two, fallback)
 
 
-def _scale_from(amax, max_value, margin: int, power_of_two: bool, fallback):
-    # max_value / amax as torch computes it for a Python float max_value: 1 / amax, times max_value.
-    scale = amax.reciprocal() * max_value / 2.0**margin
+def _scale_from(amax, max_value: torch.Tensor, margin: int, power_of_two: bool, fallback):
+    # max_value * 2**-margin / amax rounded once to float32, as torchao computes it: divided in float64 and
+    # cast, which is the correctly rounded float32 quotient on every backend (a compiled float32 division
+    # is approximate on CUDA, and a Python float over a tensor is 1 / amax times max: two roundings).
+    scale = (max_value.double() * 2.0**-margin / amax.double()).float()
     if power_of_two:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
     usable = (amax > 0) & torch.isfinite(amax) & torch.isfinite(scale) & (scale > 0)

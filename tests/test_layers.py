@@ -11,7 +11,7 @@ from altgrad.formats import get_format
 from altgrad.layers import LAYER_POLICIES, QuantConfig, QuantLinear, apply_policy
 from altgrad.model import GPT, GPTConfig
 from altgrad.quantize import quantize
-from altgrad.scaling import ScalingConfig
+from altgrad.scaling import ScalingConfig, scale_from_amax
 
 UNSCALED = ScalingConfig(recipe="none")
 SMALL = GPTConfig(vocab_size=32, block_size=16, n_layer=2, n_head=2, n_embd=32)
@@ -36,6 +36,20 @@ def test_config_defaults_follow_the_hybrid_recipe():
     assert QuantConfig("E3M4", activation="E5M2", grad=None).grad is None
     with pytest.raises(ValueError, match="E9M9"):
         QuantConfig("E9M9")
+
+
+def test_from_linear_takes_the_documented_keywords():
+    """The research API: every point's format and the scaling recipe, on the linear's own parameters."""
+    linear = nn.Linear(16, 8)
+    scaling = ScalingConfig(recipe="current", margin=1)
+    layer = QuantLinear.from_linear(linear, QuantConfig(weight="E3M4", activation="E5M2", grad="E4M3", scaling=scaling))
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert [(p, s.fmt.name, s.config) for p, s in layer.scalers.items()] == [
+        ("weight", "E3M4", scaling), ("input", "E5M2", scaling), ("grad", "E4M3", scaling)]
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(12))
+    x_q = q(x, "E5M2", scale=scale_from_amax(x.abs().max(), "E5M2", margin=1))
+    w_q = q(linear.weight.detach(), "E3M4", scale=scale_from_amax(linear.weight.abs().max(), "E3M4", margin=1))
+    assert torch.equal(layer(x), F.linear(x_q, w_q, linear.bias))
 
 
 def test_fp32_is_bitwise_nn_linear_forward_and_backward():
@@ -72,6 +86,35 @@ def test_output_gradient_is_quantized_in_backward():
     torch.testing.assert_close(x.grad, grad_q @ w_q, rtol=0, atol=0)
     torch.testing.assert_close(layer.weight.grad, grad_q.T @ q(x.detach(), "E4M3"), rtol=0, atol=0)
     assert not torch.allclose(x.grad, grad @ w_q)  # the unrounded gradient gives something else
+
+
+@pytest.mark.parametrize("spec", ["E4M3", "bf16"])
+def test_bias_gradient_sums_the_unrounded_output_gradient(spec):
+    """As in Transformer Engine and torchao only the GEMM operands are rounded: the bias gradient is
+    nn.Linear's (dY summed over all but the last dim), while the weight gradient comes from rounded dY."""
+    torch.manual_seed(0)
+    reference = nn.Linear(16, 8)
+    layer = QuantLinear.from_linear(copy.deepcopy(reference), QuantConfig(spec))
+    gen = torch.Generator().manual_seed(10)
+    x, grad = torch.randn(3, 5, 16, generator=gen), torch.randn(3, 5, 8, generator=gen) * 1e-3
+    reference(x).backward(grad)
+    layer(x).backward(grad)
+    assert torch.equal(layer.bias.grad, reference.bias.grad)
+    assert torch.equal(layer.bias.grad, grad.sum((0, 1)))
+    grad_q = q(grad, layer.config.grad, scale=layer.scalers["grad"].last_scale)
+    assert not torch.equal(grad_q.sum((0, 1)), grad.sum((0, 1)))  # rounding dY would have shown
+    weight_q = q(layer.weight.detach(), spec, scale=layer.scalers["weight"].last_scale).requires_grad_()
+    F.linear(q(x, spec, scale=layer.scalers["input"].last_scale), weight_q).backward(grad_q)
+    assert torch.equal(layer.weight.grad, weight_q.grad)
+
+
+def test_a_layer_without_bias_rounds_its_output_gradient():
+    layer = QuantLinear.from_linear(nn.Linear(16, 8, bias=False), QuantConfig("E4M3", scaling=UNSCALED))
+    gen = torch.Generator().manual_seed(11)
+    x, grad = torch.randn(4, 16, generator=gen).requires_grad_(), torch.randn(4, 8, generator=gen)
+    layer(x).backward(grad)
+    assert layer.bias is None
+    assert torch.equal(x.grad, q(grad, "E5M2") @ q(layer.weight.detach(), "E4M3"))
 
 
 @pytest.mark.parametrize("recipe", ["delayed", "current", "none"])
@@ -253,9 +296,9 @@ def test_compiled_training_steps_match_eager_bit_for_bit(spec, monkeypatch):
             x = (torch.randn(4, 16, generator=gen) * magnitude).requires_grad_()
             y = layer(x)
             y.backward(torch.randn(4, 8, generator=gen))
-            steps.append((y.detach(), x.grad, layer.weight.grad.clone(), layer.pop_stats()))
-            layer.weight.grad = None
+            steps.append((y.detach(), x.grad, layer.weight.grad.clone(), layer.bias.grad.clone(), layer.pop_stats()))
+            layer.weight.grad = layer.bias.grad = None
         runs.append(steps)
     for eager, compiled in zip(*runs):
-        assert all(torch.equal(a, b) for a, b in zip(eager[:3], compiled[:3]))
-        assert eager[3] == compiled[3]
+        assert all(torch.equal(a, b) for a, b in zip(eager[:4], compiled[:4]))
+        assert eager[4] == compiled[4]

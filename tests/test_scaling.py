@@ -32,6 +32,39 @@ def test_scale_maps_amax_onto_the_format_max_with_margin_and_powers_of_two():
     assert pow2 == 2.0**14 and pow2 <= fmt.max_value / 3  # rounded down: amax * scale never overflows
 
 
+def binade_spanning_amaxes(n=20_000, seed=11) -> torch.Tensor:
+    """float32 amaxes with random mantissas over 80 binades (2**-40 .. 2**40)."""
+    exponent = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 80 - 40
+    return torch.exp2(exponent).float()
+
+
+@pytest.mark.parametrize("spec", ["E4M3", "E5M2", "E2M5"])
+def test_scale_is_the_format_max_over_amax_in_one_float32_division(spec):
+    """Rounded once, as torchao's float64 quotient cast to float32 is: 1 / amax then times max (two
+    roundings) is a float32 step off for a share of amaxes, which moves codes at ties."""
+    fmt, amax = get_format(spec), binade_spanning_amaxes()
+    quotient = torch.tensor(fmt.max_value, dtype=torch.float32) / amax
+    assert torch.equal(quotient, (fmt.max_value / amax.double()).float())  # float64 then one rounding: the same
+    assert torch.equal(scale_from_amax(amax, fmt), quotient)
+    assert torch.equal(scale_from_amax(amax, fmt, margin=3), quotient / 8)  # the margin is an exact power of two
+    assert (amax.reciprocal() * fmt.max_value != quotient).float().mean() > 0.05  # the sample tells them apart
+
+
+@pytest.mark.parametrize("flag", ["0", "1"])
+def test_delayed_scale_is_one_float32_division_eager_and_compiled(flag, monkeypatch):
+    """The delayed update runs inside the compiled quantizing pass: it divides the same way there."""
+    monkeypatch.setattr(quantize_module, "COMPILE_MIN_NUMEL", 0)
+    monkeypatch.setenv("ALTGRAD_COMPILE", flag)
+    scaler = Scaler("E4M3", ScalingConfig(recipe="delayed", history_len=1))  # the scale follows the last amax
+    gen, off = torch.Generator().manual_seed(12), []
+    for step in range(40):
+        x = torch.randn(256, generator=gen) * 2.0 ** (step % 20 - 10)
+        scaler.quantize(x)
+        if not torch.equal(scaler.scale, torch.tensor(448.0) / x.abs().max()):
+            off.append(step)
+    assert off == []
+
+
 def test_zero_or_non_finite_amax_keeps_the_previous_scale():
     previous = torch.tensor(5.0)
     for amax in (0.0, float("inf"), float("nan")):
