@@ -109,6 +109,19 @@ def get_batch(tokens: np.ndarray, batch_size: int, block_size: int, generator: t
     return torch.from_numpy(tokens[offsets].astype(np.int64)), torch.from_numpy(tokens[offsets + 1].astype(np.int64))
 
 
+def validation_batches(tokens: np.ndarray, n_batches: int, batch_size: int, block_size: int
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed validation set: ``n_batches * batch_size`` windows at evenly spaced starts over the
+    whole split (no randomness, so every trial and every evaluation sees the same tokens; evenly spaced
+    so that the set covers the split rather than one corner of it)."""
+    if len(tokens) <= block_size:
+        raise ValueError(f"{len(tokens)} tokens are too few for block_size={block_size}")
+    starts = np.linspace(0, len(tokens) - block_size - 1, n_batches * batch_size).round().astype(np.int64)
+    offsets = starts.reshape(n_batches, batch_size)[..., None] + np.arange(block_size)
+    return [(torch.from_numpy(tokens[o].astype(np.int64)), torch.from_numpy(tokens[o + 1].astype(np.int64)))
+            for o in offsets]
+
+
 def _decode(table, ids: Iterable[int]) -> str:
     return "".join(table[int(i)] for i in ids)
 

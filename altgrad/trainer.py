@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from altgrad import results
 from altgrad.config import CellConfig, ConfigError
-from altgrad.data import get_batch, load_data
+from altgrad.data import get_batch, load_data, validation_batches
 from altgrad.failure import label_failure
 from altgrad.layers import QuantLinear, apply_policy
 from altgrad.model import GPT, GPTConfig
@@ -194,13 +194,12 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over ``eval_iters`` fixed validation batches, through the same quantized forward."""
+        """Mean loss over the validation set of :func:`~altgrad.data.validation_batches`, through the same
+        quantized forward: the same windows at every evaluation and in every trial of the same data,
+        block size, batch size and ``eval_iters``, whatever the seed, so trials compare on one set."""
         self.model.eval()
-        batches = torch.Generator().manual_seed(self.cell.seed + 1)  # the same batches at every evaluation
-        losses = []
-        for _ in range(self.cell.eval_iters):
-            x, y = get_batch(self.data.val, self.cell.batch_size, self.cell.model.block_size, batches)
-            losses.append(self.model(x.to(self.device), y.to(self.device))[1].item())
+        losses = [self.model(x.to(self.device), y.to(self.device))[1].item() for x, y in validation_batches(
+            self.data.val, self.cell.eval_iters, self.cell.batch_size, self.cell.model.block_size)]
         return sum(losses) / len(losses)
 
     def _evaluate_and_report(self, report: Report | None) -> None:

@@ -119,3 +119,32 @@ def test_fingerprint_of_a_large_corpus_samples_it_but_sees_its_length(monkeypatc
     assert base != longer
     assert base != data.TokenData(inside_a_chunk, tokens[:2000], 50, "x").fingerprint
     assert base != data.TokenData(tokens, tokens[:2000], 51, "x").fingerprint
+
+
+def test_validation_batches_are_fixed_evenly_spaced_and_end_on_the_last_token():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batches = data.validation_batches(tokens, 3, 4, 10)
+    assert len(batches) == 3 and all(x.shape == (4, 10) for x, _ in batches)
+    starts = [int(s) for x, _ in batches for s in x[:, 0]]
+    assert starts[0] == 0 and starts[-1] == 1000 - 11 and starts == sorted(starts)
+    gaps = np.diff(starts)
+    assert gaps.max() - gaps.min() <= 1  # evenly spaced, up to rounding
+    assert all(torch.equal(y, x + 1) for x, y in batches)
+    again = data.validation_batches(tokens, 3, 4, 10)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
+
+
+def test_every_seed_evaluates_on_the_same_windows(tmp_path):
+    from altgrad.config import parse_cell
+    from altgrad.trainer import Trainer
+
+    seen = []
+    for seed in (0, 1):
+        cell = parse_cell({"model": {"n_layer": 1, "n_head": 1, "n_embd": 16, "block_size": 16}, "seed": seed,
+                           "steps": 1, "eval_iters": 2, "batch_size": 2})
+        trainer = Trainer(cell, trial_id=f"s{seed}", progress=False)
+        windows = []
+        trainer.model.transformer.wte.register_forward_pre_hook(lambda m, args: windows.append(args[0].clone()))
+        trainer.evaluate()
+        seen.append(torch.cat(windows))
+    assert torch.equal(seen[0], seen[1])
