@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
+import signal
 import sys
 
 from pathlib import Path
@@ -13,6 +15,7 @@ from altgrad.config import ConfigError
 from altgrad.formats import EIGHT_BIT_NAMES, FORMATS, same_grid_up_to_scale
 
 EXIT_BAD_INPUT = 2
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)  # exit 128 + the signal: 130 and 143, as a shell reports
 
 
 def formats_table() -> list[dict]:
@@ -59,6 +62,9 @@ def _cmd_train(args) -> int:
     trainer = Trainer(cell, trial_id=name, results_root=root, checkpoint_path=checkpoint, progress=True)
     try:
         summary = trainer.run(resume=args.resume)
+    except KeyboardInterrupt:
+        _remove_partial_writes(root)
+        raise KeyboardInterrupt(f"at step {trainer.step}") from None
     except Exception as error:
         results.write_rows(root, "trials", name, [trainer.summary("error", error=repr(error))])
         raise
@@ -86,7 +92,20 @@ def _cmd_sweep(args) -> int:
                 check_runtime(cell.config, f"{args.sweep} (cell {cell.cell_id})")
                 checked.add(needs)
     print(f"sweep {spec.name}: {len(spec.cells)} trials -> {results_root(args.out, spec.name)}")
-    statuses = run_sweep(spec, args.out, address=args.address, resume=args.resume, wandb=args.wandb)
+    if args.resume:
+        from altgrad.sweep.runner import ended_trials
+
+        ended = ended_trials(args.out, spec.name)
+        if set(spec.cell_ids) <= ended.keys():
+            counts = {s: [ended[c] for c in spec.cell_ids].count(s) for s in ("completed", "stopped", "error")}
+            print(f"sweep {spec.name}: nothing to resume: all {len(spec.cells)} trials ended ({counts['completed']} "
+                  f"completed, {counts['stopped']} stopped, {counts['error']} error)")
+            return 0
+    try:
+        statuses = run_sweep(spec, args.out, address=args.address, resume=args.resume, wandb=args.wandb)
+    except KeyboardInterrupt:
+        _remove_partial_writes(results_root(args.out, spec.name))
+        raise
     wall = statuses.pop("_wall_time_s")
     counts = {s: list(statuses.values()).count(s) for s in ("completed", "stopped", "error")}
     print(f"sweep {spec.name}: {counts['completed']} completed, {counts['stopped']} stopped early, "
@@ -181,13 +200,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remove_partial_writes(root: str) -> None:
+    """Atomic writes cut short leave hidden ``.*.tmp`` files (readers skip them); remove them too."""
+    if "://" not in root and Path(root).is_dir():
+        for partial in Path(root).rglob(".*.tmp"):
+            partial.unlink(missing_ok=True)
+
+
+_signals_received: list[int] = []
+
+
+def _on_stop_signal(signum, frame) -> None:
+    """SIGINT or SIGTERM: stop here (KeyboardInterrupt). While a sweep runs, Ray Tune holds SIGINT and
+    stops gracefully on it, saving the experiment for ``--resume``: a SIGTERM is handed to it as one."""
+    _signals_received.append(signum)
+    if signal.getsignal(signal.SIGINT) is not _on_stop_signal:
+        signal.raise_signal(signal.SIGINT)
+        return
+    raise KeyboardInterrupt
+
+
+def _close_progress_bars() -> None:
+    """So that the interrupt's line starts a line of its own."""
+    from tqdm.std import tqdm
+
+    for bar in list(tqdm._instances):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    _signals_received.clear()
+    previous = {signum: signal.signal(signum, _on_stop_signal) for signum in STOP_SIGNALS}
     try:
         return args.run(args)
     except ConfigError as error:
         print(f"altgrad {args.verb}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt as interrupt:
+        # Each verb says where it stopped in the exception's text; everything it saved stays.
+        _close_progress_bars()
+        where = f" {interrupt}" if str(interrupt) else ""
+        if hasattr(args, "resume"):
+            where += "; resume with: " + shlex.join(["altgrad", *argv, *([] if args.resume else ["--resume"])])
+        print(f"altgrad {args.verb}: interrupted{where}", file=sys.stderr)
+        return 128 + (_signals_received[0] if _signals_received else signal.SIGINT)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,17 @@ Trials write their own ``steps`` and ``layers`` files straight to the results ro
 object store), so remote workers never need the head's disk. The driver writes the ``trials`` table,
 because only it knows how a trial ended: a :class:`SweepRecorder` callback takes each trial's last
 report, the stop reason the scheduler gave it, and any error, and writes its row the moment it ends.
-The recorder's state is saved by Ray with the experiment, so stop reasons survive ``--resume``.
+
+The ``trials`` table is the record of which trials ended: ``--resume`` never runs, and never rewrites
+the files of, a trial with a row, whatever Ray's last snapshot of the experiment says; the others
+continue from their checkpoints. The recorder's state (stop reasons, and the scheduler's memory, which
+Ray does not restore) is saved by Ray with the experiment, so both survive a driver restart.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import shutil
@@ -43,14 +49,17 @@ def _absolute(out: str) -> str:
 
 # ---- the trial ----------------------------------------------------------------------------------
 
-def run_trial(config: dict, *, cells: dict, root: str, sweep: str) -> None:
+def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozenset = frozenset()) -> None:
     """Ray Tune's function trainable: train one cell, reporting through ``tune.report``.
 
     An actor may be reused for the next trial (``reuse_actors``): everything a trial depends on is set
-    here (seeds inside the Trainer, the thread count from the trial's CPUs)."""
+    here (seeds inside the Trainer, the thread count from the trial's CPUs). A cell in ``ended`` (its
+    row was written before the driver restarted) returns at once, touching nothing."""
     from altgrad.trainer import Trainer
 
     cell_id = config["cell_id"]
+    if cell_id in ended:
+        return
     cell = parse_cell(cells[cell_id], f"cell {cell_id}")
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch_threads(max(1, int(cpus)))
@@ -89,26 +98,28 @@ def torch_threads(n: int) -> None:
 # ---- the driver's bookkeeping --------------------------------------------------------------------
 
 class SweepRecorder(tune.Callback):
-    """Writes each trial's ``trials`` row when it ends, and keeps the scheduler's stop reasons.
+    """Writes each trial's ``trials`` row when it ends, and owns the sweep's scheduler.
 
-    Its state (stop reasons, rows written) is saved by Ray with the experiment and restored on
-    ``--resume``; a trial's row is rewritten whole, so a resumed sweep never duplicates one."""
+    ``ended`` holds the rows already written ({cell id: status}): those trials keep them untouched.
+    Its state (the scheduler's stop reasons and memory) is saved by Ray with the experiment and
+    restored on ``--resume``."""
 
-    def __init__(self, spec: SweepSpec, root: str, progress: bool = True):
+    def __init__(self, spec: SweepSpec, root: str, progress: bool = True, ended: dict[str, str] | None = None):
         self.cells = {cell.cell_id: cell for cell in spec.cells}
         self.root, self.sweep = root, spec.name
         self.stop_reasons: dict[str, str] = {}
-        self.finished: dict[str, str] = {}  # cell id -> status
+        self.finished: dict[str, str] = dict(ended or {})  # cell id -> status
+        self.scheduler = build_scheduler(spec, on_stop=self.record_stop)
         self.progress = progress
         self._bar = None
 
     # Ray saves and restores this with the experiment state.
     def get_state(self) -> dict:
-        return {"stop_reasons": dict(self.stop_reasons), "finished": dict(self.finished)}
+        return {"stop_reasons": dict(self.stop_reasons), "scheduler": self.scheduler.get_state()}
 
     def set_state(self, state: dict) -> None:
         self.stop_reasons.update(state.get("stop_reasons", {}))
-        self.finished.update(state.get("finished", {}))
+        self.scheduler.set_state(state.get("scheduler", {}))
 
     def record_stop(self, trial_id: str, reason: str, result: dict) -> None:
         """The scheduler's STOP: remembered by Ray's trial id until the trial's row is written."""
@@ -125,11 +136,20 @@ class SweepRecorder(tune.Callback):
         self._write(trial, error=_error_text(trial))
 
     def on_experiment_end(self, trials, **info) -> None:
+        """Rows for trials that ended without a callback (restored by Ray as ended, a row missing).
+        A trial neither done nor failed was interrupted: it gets no row, and ``--resume`` continues it."""
+        for trial in trials:
+            if trial.status == trial.ERROR:
+                self._write(trial, error=_error_text(trial))
+            elif (trial.last_result or {}).get("done"):
+                self._write(trial, error=None)
         if self._bar:
             self._bar.close()
 
     def _write(self, trial, error: str | None) -> None:
         cell_id = trial.config["cell_id"]
+        if cell_id in self.finished:
+            return  # an ended trial keeps its row
         row = self.row(cell_id, trial.last_result or {}, self.stop_reasons.get(trial.trial_id), error)
         results.write_rows(self.root, "trials", cell_id, [row])
         self.finished[cell_id] = row["status"]
@@ -202,7 +222,7 @@ def node_capacity() -> list[dict]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def build_scheduler(spec: SweepSpec, recorder: SweepRecorder) -> RankCollapseScheduler:
+def build_scheduler(spec: SweepSpec, on_stop=None) -> RankCollapseScheduler:
     early = spec.early_stopping
     asha = None
     if "asha" in early:
@@ -215,7 +235,7 @@ def build_scheduler(spec: SweepSpec, recorder: SweepRecorder) -> RankCollapseSch
                              reduction_factor=settings.get("reduction_factor", 4))
     return RankCollapseScheduler(patience=int(early.get("rank_collapse", {}).get("patience", 2)),
                                  loss_factor=float(early.get("divergence", {}).get("loss_factor", 4.0)),
-                                 asha=asha, on_stop=recorder.record_stop)
+                                 asha=asha, on_stop=on_stop)
 
 
 def experiment_path(out: str, name: str) -> str:
@@ -223,9 +243,27 @@ def experiment_path(out: str, name: str) -> str:
     return f"{results_root(out, name)}/_ray"
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ray Tune stopped the sweep on SIGINT (Ctrl-C) before every trial ended. The experiment's state
+    was saved: ``run_sweep(..., resume=True)`` continues the ``unfinished`` cells."""
+
+    def __init__(self, statuses: dict[str, str], unfinished: list[str]):
+        total = len(statuses) + len(unfinished)
+        super().__init__(f"with {len(statuses)} of {total} trials ended")
+        self.statuses, self.unfinished = statuses, unfinished
+
+
+def ended_trials(out: str, name: str) -> dict[str, str]:
+    """{cell id: status} of the trials whose row the sweep has written: the trials that ended."""
+    rows = results.read_table(results_root(_absolute(out), name), "trials")
+    return dict(zip(rows["trial_id"], rows["status"]))
+
+
 def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: bool = False,
               wandb: str = "off", progress: bool = True) -> dict[str, str]:
-    """Run (or with ``resume``, continue) the sweep; return {cell id: status}."""
+    """Run (or with ``resume``, continue) the sweep; return {cell id: status}. Raises
+    :class:`SweepInterrupted` when Ctrl-C stopped it first. A resume with every trial ended returns
+    their statuses without starting Ray."""
     out = _absolute(out)
     root = results_root(out, spec.name)
     if resume and not results.has_results(root) and not _experiment_exists(out, spec.name):
@@ -233,6 +271,9 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
     if not resume and (results.has_results(root) or _experiment_exists(out, spec.name)):
         raise ConfigError(spec.source, "name", f"{root} already holds sweep {spec.name!r}: pass --resume to "
                                                f"continue it, or choose another --out or name")
+    ended = ended_trials(out, spec.name) if resume else {}
+    if set(spec.cell_ids) <= ended.keys():
+        return {**{cell_id: ended[cell_id] for cell_id in spec.cell_ids}, "_wall_time_s": 0.0}
     if address is None and spec.resources is not None:
         check_resources(spec, spec.resources, local_capacity())
     env = _wandb_environment(wandb, root)
@@ -252,33 +293,69 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                 raise
             # An autoscaling cluster may add a node that fits; its trials wait for it.
             print(f"altgrad sweep: warning: {error}; trials wait for the autoscaler to add one", file=sys.stderr)
-        recorder = SweepRecorder(spec, root, progress=progress)
+        recorder = SweepRecorder(spec, root, progress=progress, ended=ended)
+        callbacks = [recorder, *_wandb_callbacks(wandb, spec.name)]
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, cells={c.cell_id: c.raw for c in spec.cells}, root=root,
-                                 sweep=spec.name),
+                                 sweep=spec.name, ended=frozenset(ended)),
             {"cpu": request["cpu"], "gpu": request["gpu"]})
         if resume:
-            tuner = tune.Tuner.restore(_experiment_dir(out, spec.name), trainable=trainable, resume_unfinished=True,
-                                       resume_errored=True)
+            tuner = _restore(_experiment_dir(out, spec.name), trainable, recorder.scheduler, callbacks)
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"cell_id": tune.grid_search(spec.cell_ids)},
-                tune_config=tune.TuneConfig(scheduler=build_scheduler(spec, recorder), reuse_actors=True,
+                tune_config=tune.TuneConfig(scheduler=recorder.scheduler, reuse_actors=True,
                                             max_concurrent_trials=None),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=2),
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    callbacks=[recorder, *_wandb_callbacks(wandb, spec.name)]),
+                    callbacks=callbacks),
             )
         started = time.perf_counter()
-        grid = tuner.fit()
-        statuses = _final_rows(grid, spec, root, recorder)
+        with _quiet_interrupt_messages():
+            tuner.fit()
+        statuses = {cell_id: recorder.finished[cell_id] for cell_id in spec.cell_ids if cell_id in recorder.finished}
+        unfinished = [cell_id for cell_id in spec.cell_ids if cell_id not in recorder.finished]
+        if unfinished:
+            raise SweepInterrupted(statuses, unfinished)
         statuses["_wall_time_s"] = time.perf_counter() - started
         return statuses
     finally:
         ray.shutdown()
+
+
+def _restore(path: str, trainable, scheduler: RankCollapseScheduler, callbacks: list) -> tune.Tuner:
+    """``Tuner.restore``, running this driver's scheduler and callbacks. Ray would run the copies
+    pickled when the sweep started, as they were then, with no public way to reach them
+    (ray-project/ray#41364): the recorder here is the one Ray restores state into, and the one whose
+    rows this driver reads. Errored trials are resumed only where no row says they ended."""
+    tuner = tune.Tuner.restore(path, trainable=trainable, resume_unfinished=True, resume_errored=True)
+    restored = tuner._local_tuner
+    restored._tune_config.scheduler = scheduler
+    restored.get_run_config().callbacks = callbacks
+    return tuner
+
+
+class _InterruptMessages(logging.Filter):
+    """Tune's own words on an interrupt (how to resume through ``Tuner.restore``); the sweep says it
+    in altgrad's terms instead."""
+
+    PREFIXES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.PREFIXES)
+
+
+@contextlib.contextmanager
+def _quiet_interrupt_messages():
+    logger, drop = logging.getLogger("ray.tune.tune"), _InterruptMessages()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _experiment_dir(out: str, name: str) -> str:
@@ -290,20 +367,6 @@ def _experiment_exists(out: str, name: str) -> bool:
         return tune.Tuner.can_restore(_experiment_dir(out, name))
     except Exception:  # an unreachable or malformed location is "nothing to restore"
         return False
-
-
-def _final_rows(grid, spec: SweepSpec, root: str, recorder: SweepRecorder) -> dict[str, str]:
-    """Make sure every cell has its row (trials restored as already finished were never re-reported)."""
-    statuses = {}
-    for result in grid:
-        cell_id = result.config["cell_id"]
-        if cell_id not in recorder.finished:
-            error = None if result.error is None else str(result.error).strip().splitlines()[-1][:500]
-            row = recorder.row(cell_id, result.metrics or {}, None, error)
-            results.write_rows(root, "trials", cell_id, [row])
-            recorder.finished[cell_id] = row["status"]
-        statuses[cell_id] = recorder.finished[cell_id]
-    return statuses
 
 
 def _wandb_environment(mode: str, root: str) -> dict:

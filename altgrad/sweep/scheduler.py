@@ -33,6 +33,10 @@ class RankCollapseScheduler(FIFOScheduler):
             (``"asha"``).
         on_stop: called with ``(trial_id, reason, result)`` at each STOP, so the reason can be kept
             where Ray saves state (a scheduler's own state is not saved across a driver restart).
+
+    A report at a step already judged (a trial replaying from an older checkpoint after a restart)
+    decides nothing: the decision on it was taken. Ray restores no scheduler state when a sweep
+    resumes (ray-project/ray#30838), so the driver saves :meth:`get_state` with the experiment.
     """
 
     def __init__(self, patience: int = 2, loss_factor: float = 4.0, asha: ASHAScheduler | None = None,
@@ -44,6 +48,21 @@ class RankCollapseScheduler(FIFOScheduler):
         self._streak: dict[str, int] = {}
         self._best_loss: dict[str, float] = {}
         self._last_check: dict[str, object] = {}
+        self._last_step: dict[str, float] = {}
+
+    def get_state(self) -> dict:
+        """Its memory of every live trial (streaks, best losses, last rank check and step, ASHA's rungs)."""
+        return {"streak": dict(self._streak), "best_loss": dict(self._best_loss),
+                "last_check": dict(self._last_check), "last_step": dict(self._last_step),
+                "asha": dict(vars(self.asha)) if self.asha else None}
+
+    def set_state(self, state: dict) -> None:
+        self._streak.update(state.get("streak", {}))
+        self._best_loss.update(state.get("best_loss", {}))
+        self._last_check.update(state.get("last_check", {}))
+        self._last_step.update(state.get("last_step", {}))
+        if self.asha and state.get("asha"):
+            vars(self.asha).update(state["asha"])  # as ASHAScheduler.restore does with its own file
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
         return self.asha.set_search_properties(metric, mode, **spec) if self.asha else True
@@ -53,6 +72,11 @@ class RankCollapseScheduler(FIFOScheduler):
             self.asha.on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        step = _number(result.get("step"))
+        if step is not None:
+            if step <= self._last_step.get(trial.trial_id, -math.inf):
+                return TrialScheduler.CONTINUE  # a replay of a report already judged
+            self._last_step[trial.trial_id] = step
         reason = self.stop_reason(trial.trial_id, result)
         if reason is None and self.asha and self.asha.on_trial_result(tune_controller, trial, result) == self.STOP:
             reason = ASHA
@@ -94,6 +118,7 @@ class RankCollapseScheduler(FIFOScheduler):
         self._streak.pop(trial_id, None)
         self._best_loss.pop(trial_id, None)
         self._last_check.pop(trial_id, None)
+        self._last_step.pop(trial_id, None)
 
     def debug_string(self) -> str:
         return f"RankCollapseScheduler(patience={self.patience}, loss_factor={self.loss_factor}, asha={bool(self.asha)})"
