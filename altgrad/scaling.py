@@ -7,8 +7,9 @@ Three recipes, as in Transformer Engine:
   the first call, with no history yet, uses its own amax;
 * ``none``: scale 1, the raw format.
 
-The scale is ``fmt.max_value / amax / 2**margin``, optionally rounded down to a power of two (so that
-scaling itself is exact). A zero or non-finite amax leaves the scale unchanged, as in TE.
+The scale is ``fmt.max_value / amax / 2**margin`` rounded once to float32 (as torchao computes it),
+optionally rounded down to a power of two (so that scaling itself is exact). A zero or non-finite amax
+leaves the scale unchanged, as in TE.
 Everything stays on the tensor's device: no host synchronisation in the training step.
 """
 
