@@ -29,7 +29,7 @@ import functools
 import torch
 
 from altgrad.formats import FPFormat, get_format
-from altgrad.quantize import quantize, ulp
+from altgrad.quantize import _LAYOUT, quantize
 
 OPTIMIZERS = ("adamw", "manifold_adamw", "grid")
 
@@ -54,11 +54,68 @@ def _grid_on(fmt: FPFormat, device: torch.device) -> torch.Tensor:
     return fmt.grid().to(device)
 
 
-def _stochastic_round(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Whole numbers with expectation x: floor(x) + 1 with probability frac(x), else floor(x)."""
+def _stochastic_round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Whole numbers with expectation x, given uniform [0, 1) ``noise``: floor(x) + 1 with probability
+    frac(x), else floor(x)."""
     floor = x.floor()
-    noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return floor + (noise < x - floor).to(x.dtype)
+
+
+# ---- rung coordinates ---------------------------------------------------------------------------
+# A format's magnitude code counts rungs: 2**M codes per binade, and below the lowest normal binade the
+# subnormals, spaced like it. Read as a number, the signed code of the grid continued past its top
+# (binade after binade) is a coordinate in which every rung has length 1: piecewise linear in the value,
+# so a fractional coordinate is a point between two grid values. Binade k >= 0 holds the magnitudes
+# with coordinate in [(k + 1) * 2**M, (k + 2) * 2**M), spaced 2**(emin - M + k); binade 0 takes the
+# subnormals too, i.e. every magnitude below 2**(emin + 1), and also holds the coordinates (-2**(M+1), 0].
+
+def _pow2(exponent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """2**exponent (integers in the normal range) in like's dtype, built from bits: exact."""
+    int_dtype, mant, bias = _LAYOUT[like.dtype]
+    return ((exponent.to(int_dtype) + bias) << mant).view(like.dtype)
+
+
+def _binade(u: torch.Tensor, fmt: FPFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binade k of each |u| (grid units) in the continued grid, and its spacing 2**(emin - M + k)."""
+    emin = 1 - fmt.bias
+    _, exponent = torch.frexp(u.abs().clamp_min(2.0**emin))  # |u| = m * 2**exponent, m in [0.5, 1)
+    k = exponent - (1 + emin)
+    return k, _pow2(k + (emin - fmt.man_bits), u)
+
+
+def _coordinate(u: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """The signed rung coordinate of each u (grid units): on the grid, the signed magnitude code."""
+    k, spacing = _binade(u, fmt)
+    return u / spacing + torch.sign(u) * (k << fmt.man_bits).to(u.dtype)
+
+
+def _value(coordinate: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """The grid-unit value at each rung coordinate: the inverse of :func:`_coordinate`."""
+    emin, man_bits = 1 - fmt.bias, fmt.man_bits
+    magnitude = coordinate.abs()
+    k = (torch.floor(magnitude * 2.0**-man_bits) - 1).clamp_min(0)
+    spacing = _pow2(k.to(torch.int32) + (emin - man_bits), coordinate)
+    return torch.copysign((magnitude - k * 2.0**man_bits) * spacing, coordinate)
+
+
+def _rung_move(u: torch.Tensor, rungs: torch.Tensor, fmt: FPFormat) -> torch.Tensor:
+    """How far ``u`` (grid units) travels when it moves ``rungs`` (signed, fractional) along the grid.
+
+    Within u's binade that is ``rungs`` times its spacing, as float32 computes ``u + rungs * ulp``;
+    a move that leaves the binade (a down-step from a power of two, say) goes through the rung
+    coordinate, so that each stretch of it is measured by the spacing it crosses."""
+    k, spacing = _binade(u, fmt)
+    local = u / spacing  # in binade k: |local| in [2**M, 2**(M+1)); binade 0 reaches down through zero
+    moved = local + rungs
+    one, two = 2.0**fmt.man_bits, 2.0**(fmt.man_bits + 1)
+    within = (moved.abs() < two) & ((k == 0) | ((moved.abs() >= one) & (moved * local > 0)))
+    crossing = _value(moved + torch.sign(u) * (k << fmt.man_bits).to(u.dtype), fmt) - u
+    return torch.where(within, rungs * spacing, crossing)
+
+
+def _scale_of(group: dict, p: torch.Tensor) -> torch.Tensor:
+    """The group's scale (1 when None) as a 0-d tensor in p's dtype, on p's device."""
+    return torch.as_tensor(1.0 if group["scale"] is None else group["scale"], dtype=p.dtype, device=p.device)
 
 
 class _AdamBase(torch.optim.Optimizer):
@@ -102,18 +159,17 @@ class _AdamBase(torch.optim.Optimizer):
         m, denom, bias1 = self._moments(p, group)
         p.addcdiv_(m, denom, value=-(group["lr"] / bias1))
 
-    def _grid_params(self):
-        """Yield ``(p, group, fmt)`` for each parameter with a gradient in a group with an 8-bit format;
-        parameters of plain groups take their AdamW step on the way."""
+    def _grid_groups(self):
+        """Yield ``(group, fmt, params)`` for each group with an 8-bit format and its parameters with a
+        gradient; parameters of plain groups take their AdamW step on the way."""
         for group in self.param_groups:
             fmt = _grid_format(group["fmt"])
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if fmt is None:
+            params = [p for p in group["params"] if p.grad is not None]
+            if fmt is None:
+                for p in params:
                     self._adamw_step(p, group)
-                else:
-                    yield p, group, fmt
+            elif params:
+                yield group, fmt, params
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -129,11 +185,13 @@ class _AdamBase(torch.optim.Optimizer):
 
 
 class ManifoldAdamW(_AdamBase):
-    """AdamW stepping ``lr`` rungs of each weight's grid: ``-lr * ulp(w) * (d + weight_decay * sign(w))``.
+    """AdamW stepping ``lr`` rungs of each weight's grid: ``-lr * (d + weight_decay * sign(w))`` rungs.
 
-    ``d`` is Adam's normalized direction and ``ulp(w)`` the grid spacing of the group's ``fmt`` at
-    ``w * scale``, divided by ``scale``. ``scale`` may be the quantized layer's scale buffer (a 0-d
-    tensor); it is read afresh at every step. Groups with ``fmt=None`` are plain AdamW.
+    ``d`` is Adam's normalized direction. A rung is the spacing of the group's ``fmt`` grid at
+    ``w * scale`` in the direction of motion (divided by ``scale``): a weight on a power of two steps
+    down by the lower binade's spacing, so one rung up and one rung down are one grid point each way,
+    and zero-mean noise does not drift the weights toward zero. ``scale`` may be the quantized layer's
+    scale buffer (a 0-d tensor); it is read afresh at every step. Groups with ``fmt=None`` are plain AdamW.
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -147,26 +205,43 @@ class ManifoldAdamW(_AdamBase):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for p, group, fmt in self._grid_params():
-            rungs = self._direction(p, group)
-            if group["weight_decay"]:
-                rungs.add_(torch.sign(p), alpha=group["weight_decay"])
-            p.addcmul_(ulp(p, fmt, scale=group["scale"]), rungs, value=-group["lr"])
+        for group, fmt, params in self._grid_groups():
+            for p in params:
+                rungs = self._direction(p, group)
+                if group["weight_decay"]:
+                    rungs.add_(torch.sign(p), alpha=group["weight_decay"])
+                scale = _scale_of(group, p)
+                p.add_(_rung_move(p * scale, rungs.mul_(-group["lr"]), fmt).div_(scale))
         return loss
 
 
 class GridOptim(_AdamBase):
-    """FP32 master weights that always lie exactly on ``fmt.grid() / scale``.
+    """FP32 master weights that always lie exactly on ``fmt.grid() / scale``, on a grid that widens
+    when they ask to grow past its top.
 
     Each step asks for ``-lr * (d + weight_decay * sign(w))`` rungs (Adam's direction d, lr in rungs),
     rounds that stochastically to a whole number (unbiased; drawn from generators seeded with ``seed`` and
     saved in the state_dict, so a resumed run is bit-identical), clips it to ``±rung_clip`` and moves
-    along the sorted grid, stopping at its ends. The current rung is the grid point nearest
-    ``w * scale``: exact for a weight on the grid, a snap for one off it (the first step, or after the
-    live ``scale`` moved). Groups with ``fmt=None`` are plain AdamW.
+    that many grid points along the grid. The current rung is the grid point nearest ``w * scale``:
+    exact for a weight on the grid, a snap for one off it (the first step, or after the live ``scale``
+    moved).
 
-    ``step()`` returns ``(flips, updates)``: weights whose grid point changed, and weights with a
-    non-zero gradient, over the groups with a format.
+    The grid's top does not stop a weight. The move is made on the grid continued past its top
+    (binade after binade); when a weight of the group lands beyond ``max / scale``, the group's scale
+    is divided by the smallest power of two that brings it back, and written into the ``scale`` tensor
+    in place (the layer's weight-scale buffer, which the next forward reads). A power-of-two rescale
+    keeps every grid point on the grid except at the bottom (subnormals, E7M0's smallest normal,
+    E0M7's odd codes), which is re-snapped stochastically, with the step's own uniform draw; so the
+    forward still quantizes every master weight to itself. Lowering the scale as weights grow is the
+    optimizer's job; raising it as they shrink is left to the layer's recipe. With delayed scaling
+    and ``power_of_two`` (margin 0) the two agree exactly: the recipe's next scale, the power of two
+    that puts the amax history's max in the top binade, is the one the optimizer wrote, and raising
+    waits until the grown amax leaves the history (a hysteresis that keeps the bottom from being
+    re-snapped at every step). A scale that is not a tensor cannot move: then moves stop at the
+    grid's ends. Groups with ``fmt=None`` are plain AdamW.
+
+    ``step()`` returns ``(flips, updates)``: weights whose forward value changed (a move, or a
+    re-snap when the grid widened) and weights with a non-zero gradient, over the groups with a format.
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -187,28 +262,46 @@ class GridOptim(_AdamBase):
 
     @torch.no_grad()
     def step(self) -> tuple[int, int]:
-        counts = [self._grid_step(p, group, fmt) for p, group, fmt in self._grid_params()]
+        counts = [self._group_step(group, fmt, params) for group, fmt, params in self._grid_groups()]
         if not counts:
             return 0, 0
         flips, updates = torch.stack(counts).sum(0).tolist()  # one host sync per step
         return flips, updates
 
-    def _grid_step(self, p: torch.Tensor, group: dict, fmt: FPFormat) -> torch.Tensor:
-        """Move p along its grid; return ``[flips, updates]`` for it as a tensor."""
-        grid = _grid_on(fmt, p.device)
-        scale = torch.as_tensor(1.0 if group["scale"] is None else group["scale"], dtype=p.dtype,
-                                device=p.device)
-        current = quantize(p * scale, fmt, saturate=True)  # nearest grid point, in grid units
-        index = torch.searchsorted(grid, current)
-        request = self._direction(p, group)
-        if group["weight_decay"]:
-            request.add_(torch.sign(current), alpha=group["weight_decay"])
-        request.mul_(-group["lr"])
-        clip = group["rung_clip"]
-        moves = _stochastic_round(request, self._generator(p.device)).clamp_(-clip, clip)
-        new_index = (index + moves.long()).clamp_(0, grid.numel() - 1)
-        p.copy_(grid[new_index] / scale)
-        return torch.stack([(new_index != index).sum(), torch.count_nonzero(p.grad)])
+    def _group_step(self, group: dict, fmt: FPFormat, params: list[torch.Tensor]) -> torch.Tensor:
+        """Move the group's weights along its grid, widening it (one scale for the group) if they pass its
+        top; return ``[flips, updates]`` for the group as a tensor."""
+        widen = isinstance(group["scale"], torch.Tensor)
+        top = float((fmt.num_finite - 1) // 2)  # the coordinate of max: the largest magnitude code
+        moved = []
+        for p in params:
+            scale = _scale_of(group, p)
+            current = quantize(p * scale, fmt, saturate=True)  # nearest grid point, in grid units
+            request = self._direction(p, group)
+            if group["weight_decay"]:
+                request.add_(torch.sign(current), alpha=group["weight_decay"])
+            request.mul_(-group["lr"])
+            noise = torch.rand(p.shape, generator=self._generator(p.device), device=p.device, dtype=p.dtype)
+            clip = group["rung_clip"]
+            target = _coordinate(current, fmt) + _stochastic_round(request, noise).clamp_(-clip, clip)
+            if not widen:
+                target.clamp_(-top, top)
+            moved.append((p, scale, current, _value(target, fmt), noise))
+        # The halvings that bring the group's largest landing point back under max (0 if none passed it).
+        amax = torch.stack([v.abs().amax().to(params[0].device) for _, _, _, v, _ in moved]).max()
+        halvings = torch.ceil(torch.log2(amax / fmt.max_value)).clamp_(min=0).to(torch.int32)
+        halvings += (amax * _pow2(-halvings, amax) > fmt.max_value).to(torch.int32)  # log2's rounding
+        counts = []
+        for p, scale, current, value, noise in moved:
+            shrink = _pow2(-halvings.to(p.device), value)
+            snapped = _value(_stochastic_round(_coordinate(value * shrink, fmt), noise), fmt)
+            new_scale = scale * shrink
+            before = current / scale
+            p.copy_(snapped / new_scale)
+            counts.append(torch.stack([(p != before).sum(), torch.count_nonzero(p.grad)]))
+        if widen:
+            group["scale"].mul_(_pow2(-halvings.to(group["scale"].device), group["scale"]))
+        return torch.stack(counts).sum(0)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
