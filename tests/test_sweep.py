@@ -1,9 +1,10 @@
 """The sweep: matrix expansion and validation, the early-stopping scheduler, and real runs on a local Ray
 (complete tables, early stopping of exactly the collapsing trial, a trial crash and a driver kill that
-both resume without duplicate or missing rows)."""
+both resume without duplicate or missing rows, and resumes that leave ended trials untouched)."""
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 
 from altgrad.cli import main
 from altgrad.sweep import RankCollapseScheduler, parse_sweep
+from altgrad.sweep.runner import SweepRecorder
 
 TINY_TRIAL = {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_iters": 2, "warmup_steps": 5,
               "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
@@ -39,6 +41,13 @@ def altgrad(*args, timeout=600, env=None):
 
 def tables(root: Path) -> dict:
     return {t: pd.read_parquet(root / t) for t in ("trials", "steps", "layers")}
+
+
+def file_states(root: Path, *tables: str) -> dict:
+    """Every file's bytes and modification time: what a resume must leave as it was."""
+    folders = [root / table for table in tables] if tables else [root]
+    return {path: (path.read_bytes(), path.stat().st_mtime_ns)
+            for folder in folders for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 def assert_complete(root: Path, cells: int, steps: int = 30):
@@ -140,6 +149,36 @@ def test_scheduler_stops_a_diverging_loss(loss):
     assert stops == ["diverged"]
 
 
+def test_a_replayed_report_is_not_judged_again():
+    # A trial resumed from an older checkpoint reports the same steps again: they count once.
+    scheduler = RankCollapseScheduler(patience=2)
+    assert decide(scheduler, "a", step=10, train_loss=2.0, rank_warnings=1) == "CONTINUE"
+    assert decide(scheduler, "a", step=10, train_loss=2.0, rank_warnings=1) == "CONTINUE"
+    assert decide(scheduler, "a", step=20, train_loss=2.0, rank_warnings=1) == "STOP"
+
+
+def test_the_schedulers_memory_survives_a_driver_restart_in_the_recorders_saved_state(tmp_path):
+    # Ray pickles the callbacks' get_state() with the experiment and hands it to set_state() of the
+    # restarted driver's recorder; the scheduler's streaks and best losses must come back with it.
+    spec = parse_sweep({"name": "m", "trial": TINY_TRIAL, "early_stopping": {"rank_collapse": {"patience": 3}}})
+    before = SweepRecorder(spec, str(tmp_path), progress=False)
+    for step in (10, 20):
+        assert decide(before.scheduler, "a", step=step, train_loss=2.0, rank_warnings=1) == "CONTINUE"
+    before.record_stop("b", "rank_collapse", {})
+    after = SweepRecorder(spec, str(tmp_path), progress=False)
+    after.set_state(pickle.loads(pickle.dumps(before.get_state())))
+    assert after.stop_reasons == {"b": "rank_collapse"}
+    assert decide(after.scheduler, "a", step=20, train_loss=2.0, rank_warnings=1) == "CONTINUE"  # a replay
+    assert decide(after.scheduler, "a", step=30, train_loss=9.0, rank_warnings=0) == "STOP"  # 9 > 4 x best 2
+    fresh = SweepRecorder(spec, str(tmp_path), progress=False)
+    assert decide(fresh.scheduler, "a", step=30, train_loss=2.0, rank_warnings=1) == "CONTINUE"
+    for step in (30, 40):
+        decide(after.scheduler, "c", step=step, train_loss=2.0, rank_warnings=1)
+    again = SweepRecorder(spec, str(tmp_path), progress=False)
+    again.set_state(pickle.loads(pickle.dumps(after.get_state())))
+    assert decide(again.scheduler, "c", step=50, train_loss=2.0, rank_warnings=1) == "STOP"  # the third warning
+
+
 def test_scheduler_copes_with_missing_and_odd_metrics_without_stopping_healthy_trials():
     scheduler = RankCollapseScheduler(patience=1)
     for result in ({}, {"train_loss": None}, {"rank_warnings": float("nan")}, {"train_loss": "x"},
@@ -186,6 +225,20 @@ def test_the_scheduler_stops_the_collapsing_trials_and_only_them(small_sweep):
     assert (stopped["steps_completed"] < 60).all() and stopped["first_warning_step"].notna().all()
 
 
+def test_resuming_a_finished_sweep_changes_nothing_and_says_so(small_sweep):
+    root, first = small_sweep
+    assert first.returncode == 0, first.stderr[-3000:]
+    trials = pd.read_parquet(root / "trials")
+    counts = trials["status"].value_counts()
+    assert counts.get("stopped", 0) >= 1  # rows a wrong resume would turn into "completed"
+    before = file_states(root)  # the tables, and Ray's experiment: a resume must not even restore it
+    result = altgrad("sweep", str(root.parent.parent / "sweep.yaml"), "--out", str(root.parent), "--resume")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (f"nothing to resume: all 4 trials ended ({counts.get('completed', 0)} completed, "
+            f"{counts.get('stopped', 0)} stopped, {counts.get('error', 0)} error)") in result.stdout
+    assert file_states(root) == before
+
+
 def test_a_reused_actor_starts_the_next_trial_clean(tmp_path):
     # One trial at a time, so the second trial runs in the first one's process (reuse_actors). The two
     # cells differ only in how they evaluate, so their training must agree bit for bit: seeds, threads
@@ -211,25 +264,39 @@ def test_a_crashed_trial_resumes_from_its_checkpoint_without_duplicate_rows(tmp_
     assert (t["trials"]["status"] == "completed").all() and (t["trials"]["steps_completed"] == 30).all()
 
 
-def test_a_killed_driver_resumes_with_every_cell_exactly_once(tmp_path):
-    trial = {**TINY_TRIAL, "steps": 80, "eval_every": 20}
-    path = sweep_file(tmp_path, trial=trial, matrix={"format": ["E4M3", "E2M5", "E5M2"], "optimizer": ["adamw"]})
+def test_a_killed_driver_resumes_with_every_cell_exactly_once_and_stopped_trials_untouched(tmp_path):
+    # The 0.0001 cell warns at its first report (step 20) and stops there (patience 1); the driver is
+    # killed once its row is written, while the other two cells still train.
+    trial = {**TINY_TRIAL, "steps": 80, "eval_every": 20, "rank_trend": {"warmup_steps": 0}}
+    path = sweep_file(tmp_path, trial=trial, matrix={"rank_trend.critical_drop_threshold": [0.0001, 0.9],
+                                                     "format": ["E4M3", "E2M5"]},
+                      exclude=[{"rank_trend.critical_drop_threshold": 0.0001, "format": "E2M5"}],
+                      early_stopping={"rank_collapse": {"patience": 1}})
     out = tmp_path / "out"
+    stopped_row = out / "t" / "trials" / "0.0001_E4M3.parquet"
     driver = subprocess.Popen([sys.executable, "-m", "altgrad.cli", "sweep", str(path), "--out", str(out)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and not list((out / "t" / "steps").glob("*.parquet")):
-            time.sleep(0.5)
-        time.sleep(3)
+        while time.time() < deadline and not stopped_row.exists():
+            time.sleep(0.2)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started
         driver.wait()
+    assert pd.read_parquet(stopped_row).loc[0, "status"] == "stopped"
+    ended_ids = set(pd.read_parquet(out / "t" / "trials")["trial_id"])
+    ended = {path: state for path, state in file_states(out / "t", "trials", "steps", "layers").items()
+             if path.stem in ended_ids}
     assert altgrad("sweep", str(path), "--out", str(out)).returncode == 2  # no silent overwrite
     result = altgrad("sweep", str(path), "--out", str(out), "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     t = assert_complete(out / "t", 3)
-    assert (t["trials"]["status"] == "completed").all() and (t["trials"]["steps_completed"] == 80).all()
+    after = file_states(out / "t", "trials", "steps", "layers")
+    assert {path: after[path] for path in ended} == ended  # the ended trials' files: not a byte rewritten
+    trials = t["trials"].set_index("trial_id")
+    assert (trials.loc["0.0001_E4M3", "status"], trials.loc["0.0001_E4M3", "stop_reason"]) == ("stopped", "rank_collapse")
+    others = trials.drop(index="0.0001_E4M3")
+    assert (others["status"] == "completed").all() and (others["steps_completed"] == 80).all()
 
 
 def test_resume_without_a_sweep_is_refused(tmp_path, capsys):
