@@ -28,7 +28,7 @@ def _smooth(values: pd.Series) -> pd.Series:
 
 def _trial_label(trial) -> str:
     label = trial.trial_id if pd.isna(trial.seed) else f"seed {int(trial.seed)}"
-    return label if trial.status == "completed" else f"{label} ({trial.stop_reason or trial.status})"
+    return label if trial.status == "completed" else f"{label} ({trial.stop_reason if pd.notna(trial.stop_reason) else trial.status})"
 
 
 def _loss_range(steps: pd.DataFrame) -> tuple[float | None, float | None]:
