@@ -4,19 +4,29 @@ A float grid is roughly logarithmic: its spacing (ULP) at w is about |w| * 2**-M
 fixed size is then far below one rung for large weights (their quantized value never changes) and many
 rungs for small ones. Both optimizers here measure the step in rungs instead:
 
-* ``ManifoldAdamW``: AdamW whose update is multiplied by ulp(w) at the quantized layer's live scale, so
-  ``lr = 1`` moves every weight by about one rung whatever its magnitude.
+* ``ManifoldAdamW``: AdamW whose update is ``lr`` times Adam's direction in rungs, at the quantized
+  layer's live scale, so ``lr = 1`` moves every weight by about one rung whatever its magnitude.
 * ``GridOptim``: the FP32 master weights *are* grid points; each step moves a whole number of rungs,
-  rounded stochastically from Adam's request so that the expected move equals the request.
+  rounded stochastically from Adam's request so that the expected move equals the request. When
+  weights ask to pass the grid's top, it widens the grid by powers of two (see :class:`GridOptim`).
 
-The ULP factor must scale the *update*, not the gradient: Adam's m / sqrt(v) is invariant to a fixed
+A rung is counted along the grid, in the direction of motion: the format's signed magnitude code, read
+as a number and continued past the grid's top, is a coordinate in which every rung has length 1, and a
+step of r rungs adds r to it. Within a binade that is ``r * ulp(w)``; a weight on a power of two steps
+down by the lower binade's spacing, so one rung up and one rung down are each one grid point, in every
+format, at zero and among the subnormals. Measuring by ulp(w), the spacing at the weight's own binade,
+made a down-step from a power of two cross 2 grid points in E4M3 and all of them in E7M0, and
+zero-mean noise shrank the weights (E7M0: by 2 rungs in 300 steps).
+
+The rung factor must scale the *update*, not the gradient: Adam's m / sqrt(v) is invariant to a fixed
 per-weight gradient factor, so a "stiffness" multiplied into the gradient cancels (a predecessor did
 that and measured a step ratio of 0.99999).
 
 Weight decay is decoupled and measured in rungs too: it adds ``weight_decay * sign(w)`` to Adam's
-direction before the ULP scaling, i.e. it pulls every weight ``lr * weight_decay`` rungs toward zero per
-step. On the normal range that is a relative shrink of ``lr * weight_decay * ulp(w) / |w|``, within a
-factor of two of ``lr * weight_decay * 2**-M``, the same for every magnitude, as in AdamW.
+direction, i.e. it pulls every weight ``lr * weight_decay`` rungs toward zero per step, each rung being
+the spacing toward zero. On the normal range that is a relative shrink within a factor of two of
+``lr * weight_decay * 2**-M``, the same for every magnitude, as in AdamW; in E0M7, whose grid is
+uniform, it is L1-like (a fixed amount per step).
 
 Groups without an 8-bit format (embeddings, norms, or an fp32/bf16/fp16 "format") take a plain AdamW step
 with ``lr`` in parameter units, bit for bit the same as ``torch.optim.AdamW``.
@@ -24,12 +34,13 @@ with ``lr`` in parameter units, bit for bit the same as ``torch.optim.AdamW``.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 
 import torch
 
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _LAYOUT, quantize
+from altgrad.scaling import ScalingConfig
 
 OPTIMIZERS = ("adamw", "manifold_adamw", "grid")
 
@@ -49,11 +60,6 @@ def _grid_format(fmt) -> FPFormat | None:
     return None if fmt.is_native else fmt
 
 
-@functools.lru_cache(maxsize=None)
-def _grid_on(fmt: FPFormat, device: torch.device) -> torch.Tensor:
-    return fmt.grid().to(device)
-
-
 def _stochastic_round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Whole numbers with expectation x, given uniform [0, 1) ``noise``: floor(x) + 1 with probability
     frac(x), else floor(x)."""
@@ -62,12 +68,12 @@ def _stochastic_round(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 # ---- rung coordinates ---------------------------------------------------------------------------
-# A format's magnitude code counts rungs: 2**M codes per binade, and below the lowest normal binade the
-# subnormals, spaced like it. Read as a number, the signed code of the grid continued past its top
-# (binade after binade) is a coordinate in which every rung has length 1: piecewise linear in the value,
-# so a fractional coordinate is a point between two grid values. Binade k >= 0 holds the magnitudes
-# with coordinate in [(k + 1) * 2**M, (k + 2) * 2**M), spaced 2**(emin - M + k); binade 0 takes the
-# subnormals too, i.e. every magnitude below 2**(emin + 1), and also holds the coordinates (-2**(M+1), 0].
+# A format's magnitude code counts rungs: 2**M codes per binade, the subnormals spaced like the lowest
+# normal binade. Read as a number, the signed code of the grid continued past its top (binade after
+# binade) is a coordinate in which every rung has length 1, piecewise linear in the value. Here binade
+# k >= 1 holds the magnitudes [2**(emin + k), 2**(emin + k + 1)), coordinates [(k + 1), (k + 2)) * 2**M,
+# spaced 2**(emin - M + k); binade 0 holds the subnormals and the lowest normal binade, the magnitudes
+# below 2**(emin + 1), spaced 2**(emin - M): on both sides of zero, the coordinates (-2, 2) * 2**M.
 
 def _pow2(exponent: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """2**exponent (integers in the normal range) in like's dtype, built from bits: exact."""
@@ -289,7 +295,7 @@ class GridOptim(_AdamBase):
             moved.append((p, scale, current, _value(target, fmt), noise))
         # The halvings that bring the group's largest landing point back under max (0 if none passed it).
         amax = torch.stack([v.abs().amax().to(params[0].device) for _, _, _, v, _ in moved]).max()
-        halvings = torch.ceil(torch.log2(amax / fmt.max_value)).clamp_(min=0).to(torch.int32)
+        halvings = torch.where(amax > fmt.max_value, torch.ceil(torch.log2(amax / fmt.max_value)), 0).to(torch.int32)
         halvings += (amax * _pow2(-halvings, amax) > fmt.max_value).to(torch.int32)  # log2's rounding
         counts = []
         for p, scale, current, value, noise in moved:
@@ -317,12 +323,22 @@ class GridOptim(_AdamBase):
             self._generator(device).set_state(generator_state)
 
 
+def grid_weight_scaling(config: ScalingConfig) -> ScalingConfig:
+    """The weight-point recipe GridOptim agrees with exactly: ``config``'s delayed scaling (its history
+    length and amax rule), scales rounded down to powers of two, no margin (see :class:`GridOptim`)."""
+    return dataclasses.replace(config, recipe="delayed", power_of_two=True, margin=0)
+
+
 def build_optimizer(name: str, groups: list[dict], *, lr: float, ulp_lr: float, betas=(0.9, 0.95),
                     eps: float = 1e-8, weight_decay: float = 0.0, seed: int = 0) -> torch.optim.Optimizer:
-    """The trainer's optimizer over ``groups`` (dicts with ``params``, ``fmt``, ``scale``).
+    """The optimizer ``name`` (one of OPTIMIZERS) over ``groups``, public and stable for research scripts.
 
-    Groups with an 8-bit ``fmt`` step ``ulp_lr`` rungs; the rest (``fmt`` None, fp32, bf16, fp16) use
-    ``lr`` in parameter units. "adamw" ignores the formats: torch.optim.AdamW over every group.
+    ``groups``: dicts ``{"params": [...], "fmt": FPFormat | None, "scale": Tensor | None}``, ``scale``
+    being the quantized layer's weight-scale buffer (``QuantLinear.weight_scale``). Groups with an 8-bit
+    ``fmt`` step ``ulp_lr`` rungs ("manifold_adamw", "grid"); the rest (``fmt`` None, fp32, bf16, fp16)
+    use ``lr`` in parameter units. "adamw" ignores the formats: torch.optim.AdamW over every group.
+    "grid" writes a widened grid's scale into ``scale`` in place; give its layers delayed weight scaling
+    with ``power_of_two`` (see :class:`GridOptim`). ``seed`` seeds GridOptim's stochastic rounding.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")

@@ -227,13 +227,18 @@ def test_lambda_lr_scales_the_rung_step(name):
 
 
 @pytest.mark.parametrize("name", ["manifold_adamw", "grid"])
-def test_resume_from_state_dict_is_bit_identical(name):
-    scale = torch.tensor(4.0)
-    init = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("fmt, scale_value", [("E5M2", 4.0), ("E6M1", 2.0**28)])
+def test_resume_from_state_dict_is_bit_identical(name, fmt, scale_value):
+    """E6M1 at scale 2**28 puts some of these weights at the grid's top (two rungs a binade), so GridOptim
+    widens it before and after the save: the scale lives in the model's checkpoint (here: beside the
+    weights), the optimizer's state_dict holds no scale."""
+    scale = torch.tensor(scale_value)
+    init = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)) * 10
 
-    def make(weights):
+    def make(weights, scale_value):
+        scale.fill_(scale_value)  # the layer's buffer, restored with the model
         w, emb = torch.nn.Parameter(weights[0].clone()), torch.nn.Parameter(weights[1].clone())
-        groups = [{"params": [w], "fmt": get_format("E5M2"), "scale": scale},
+        groups = [{"params": [w], "fmt": get_format(fmt), "scale": scale},
                   {"params": [emb], "fmt": None, "scale": None}]
         opt = build_optimizer(name, groups, lr=1e-2, ulp_lr=0.6, weight_decay=0.1, seed=7)
         return (w, emb), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
@@ -241,23 +246,27 @@ def test_resume_from_state_dict_is_bit_identical(name):
     def run(params, opt, sched, steps):
         for step in steps:
             for i, p in enumerate(params):
-                p.grad = random_grad(p.shape, 10 * step + i)
+                p.grad = random_grad(p.shape, 10 * step + i) - 2 * torch.sign(p.detach())  # mostly: grow
             opt.step()
             sched.step()
 
-    params, opt, sched = make((init, init[:4]))
+    params, opt, sched = make((init, init[:4]), scale_value)
     run(params, opt, sched, range(3))
     buffer = io.BytesIO()
-    torch.save({"weights": [p.detach() for p in params], "opt": opt.state_dict(), "sched": sched.state_dict()},
-               buffer)
+    torch.save({"weights": [p.detach() for p in params], "scale": scale.clone(), "opt": opt.state_dict(),
+                "sched": sched.state_dict()}, buffer)
     run(params, opt, sched, range(3, 6))
+    final_scale = scale.clone()
 
     buffer.seek(0)
     checkpoint = torch.load(buffer, weights_only=True)
-    resumed, opt2, sched2 = make(checkpoint["weights"])
+    resumed, opt2, sched2 = make(checkpoint["weights"], checkpoint["scale"].item())
     opt2.load_state_dict(checkpoint["opt"])
     sched2.load_state_dict(checkpoint["sched"])
     assert opt2.param_groups[0]["scale"] is scale  # still the live buffer, not a copy from the file
     run(resumed, opt2, sched2, range(3, 6))
     for p, q in zip(params, resumed):
         assert torch.equal(p, q)
+    assert torch.equal(scale, final_scale)
+    if name == "grid" and fmt == "E6M1":
+        assert final_scale < checkpoint["scale"] < scale_value  # the grid widened before and after the save

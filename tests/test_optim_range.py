@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from altgrad.formats import EIGHT_BIT_NAMES, get_format
 from altgrad.layers import QuantConfig, QuantLinear
-from altgrad.optim import GridOptim, build_optimizer
+from altgrad.optim import GridOptim, build_optimizer, grid_weight_scaling
 from altgrad.quantize import quantize, ulp
 from altgrad.scaling import Scaler, ScalingConfig
 
@@ -109,7 +109,7 @@ def regression(fmt, optimizer, *, power_of_two=True, steps=150):
     with torch.no_grad():
         layer.weight.copy_(init)
     if power_of_two:  # the weight recipe GridOptim agrees with exactly (see GridOptim's docstring)
-        layer.scalers["weight"] = Scaler(fmt, ScalingConfig(power_of_two=True))
+        layer.scalers["weight"] = Scaler(fmt, grid_weight_scaling(ScalingConfig(margin=2)))
     scaler = layer.scalers["weight"]
     opt = build_optimizer(optimizer, [{"params": [layer.weight], "fmt": layer.weight_format,
                                        "scale": layer.weight_scale}], lr=2e-2, ulp_lr=1.0)
@@ -144,3 +144,9 @@ def test_grid_regression_under_delayed_scaling_that_is_not_a_power_of_two():
     non-power-of-two rescales re-snap every weight, which costs precision (see the docstring)."""
     loss, amax, exact = regression("E4M3", "grid", power_of_two=False)
     assert exact and amax > 0.5 and loss < 0.1
+
+
+def test_grid_weight_scaling_keeps_the_history_and_makes_scales_powers_of_two():
+    config = ScalingConfig(recipe="current", history_len=4, amax_compute="most_recent", margin=2)
+    assert grid_weight_scaling(config) == ScalingConfig(recipe="delayed", history_len=4, amax_compute="most_recent",
+                                                        margin=0, power_of_two=True)
