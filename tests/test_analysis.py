@@ -1,4 +1,5 @@
-"""Analysis and report on a small real sweep: every number checked by hand against the raw tables (the\nconstructed-results checks are in tests/test_analysis_*.py)."""
+"""Analysis and report on a small real sweep: every number checked by hand against the raw tables (the
+constructed-results checks are in tests/test_analysis_*.py)."""
 
 import math
 import re
@@ -104,7 +105,8 @@ def test_cell_table_has_one_row_per_cell_with_seed_statistics_of_the_raw_trials(
         assert cell["n_seeds"] == len(own)
         for metric in ("best_val_loss", "final_val_loss"):
             expected = own[metric].mean()  # null where no seed has a finite loss
-            assert pd.isna(cell[f"{metric}_mean"]) if pd.isna(expected) else cell[f"{metric}_mean"] == pytest.approx(expected)
+            mean = cell[f"{metric}_mean"]
+            assert pd.isna(mean) if pd.isna(expected) else mean == pytest.approx(expected)
             if len(own) > 1:  # one seed: no spread (null)
                 assert cell[f"{metric}_std"] == pytest.approx(own[metric].std())
         assert cell["steps_completed"] == own["steps_completed"].mean()

@@ -68,8 +68,8 @@ def val_loss_at(results: Results, at: pd.Series) -> pd.Series:
     """Per trial (``at`` indexed by trial_id), the val loss of its last evaluation at or before ``at``; null
     where it had none by then."""
     evals = results.steps.loc[results.steps["val_loss"].notna(), ["trial_id", "step", "val_loss"]]
-    evals = evals.merge(at.rename("at"), left_on="trial_id", right_index=True)
-    evals = evals[evals["step"] <= evals["at"]].sort_values("step")
+    limit = evals["trial_id"].map(at).astype("float64")  # a trial not asked about: NaN, dropped
+    evals = evals[evals["step"] <= limit].sort_values("step")
     last = evals.groupby("trial_id")["val_loss"].last().astype("Float64")
     return last.reindex(at.index)
 

@@ -28,13 +28,15 @@ def _smooth(values: pd.Series) -> pd.Series:
 
 def _trial_label(trial) -> str:
     label = trial.trial_id if pd.isna(trial.seed) else f"seed {int(trial.seed)}"
-    return label if trial.status == "completed" else f"{label} ({trial.stop_reason if pd.notna(trial.stop_reason) else trial.status})"
+    if trial.status == "completed":
+        return label
+    return f"{label} ({trial.stop_reason if pd.notna(trial.stop_reason) else trial.status})"
 
 
 def _loss_range(steps: pd.DataFrame) -> tuple[float | None, float | None]:
     """From just below the best loss to a little above the starting loss: a diverging run leaves
     through the top instead of squashing every other curve."""
-    losses = pd.concat([steps["train_loss"], steps["val_loss"]])
+    losses = pd.concat([steps["train_loss"], steps["val_loss"]]).astype("float64")  # null -> NaN: dropped next
     losses = losses[np.isfinite(losses)]
     start = steps.groupby("trial_id")["train_loss"].first().median()
     if losses.empty or not math.isfinite(start):
@@ -97,9 +99,9 @@ def plot_dynamics(results: Results) -> Figure | None:
 
 
 def plot_ranks(results: Results) -> Figure | None:
-    """Stable rank of the quantized weight (what the forward sees) of the critical layers over training (one column per layer kind, averaged over
-    blocks; one row per optimizer), one line per trial coloured by format; x marks a rank warning, a
-    black square the last check of a trial that was stopped or failed."""
+    """Stable rank of the quantized weight (what the forward sees) of the critical layers over training
+    (one column per layer kind, averaged over blocks; one row per optimizer), one line per trial coloured by
+    format; x marks a rank warning, a black square the last check of a trial that was stopped or failed."""
     trials = results.trials.set_index("trial_id")
     layers = results.layers[is_true(results.layers["critical"]) & results.layers["trial_id"].isin(trials.index)]
     if layers.empty:
@@ -209,7 +211,8 @@ def plot_failure_order(results: Results) -> Figure | None:
                     rotation=90, va="top", ha="right", fontsize="x-small")
         for i, fired in enumerate(order[order["trial_id"].eq(trial_id)].itertuples()):
             ax.axvline(fired.first_fired_step, color=f"C{i % 10}", lw=1, ls="--")
-            ax.annotate(fired.signal.split(":", 1)[1], (fired.first_fired_step, 0.02), xycoords=("data", "axes fraction"),
+            ax.annotate(fired.signal.split(":", 1)[1], (fired.first_fired_step, 0.02),
+                        xycoords=("data", "axes fraction"),
                         rotation=90, va="bottom", ha="right", fontsize="x-small", color=f"C{i % 10}")
         ax.set(title=trial_id, xlabel="step", ylabel="train loss")
     for ax in axes[len(failed):]:

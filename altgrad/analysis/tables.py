@@ -11,7 +11,6 @@ recorded" instead of "none".
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -110,7 +109,8 @@ def _running_trials(steps: pd.DataFrame, known: set) -> pd.DataFrame:
             "trial_id": trial_id, "format": own["format"].iloc[0], "optimizer": own["optimizer"].iloc[0],
             "status": "running", "steps_completed": int(own["step"].iloc[-1]),
             "final_train_loss": own["train_loss"].iloc[-1], "final_val_loss": val.iloc[-1] if len(val) else None,
-            "best_val_loss": val.min() if len(val) else None, "first_warning_step": int(warned.min()) if len(warned) else None,
+            "best_val_loss": val.min() if len(val) else None,
+            "first_warning_step": int(warned.min()) if len(warned) else None,
         })
     return tables.to_table("trials", rows).to_pandas()
 
@@ -196,10 +196,6 @@ def cell_keys(trials: pd.DataFrame) -> list[str]:
     varying = sorted({k for k in candidates if k in axes and k not in (*NOT_AXES, "format", "optimizer")
                       and axes[k].nunique() > 1})
     return ["format", "optimizer", *varying]
-
-
-def _identity(trials: pd.DataFrame) -> list[str]:
-    return ["trial_id", *cell_keys(trials), "seed"]
 
 
 def layer_kind(layer: str) -> str:
