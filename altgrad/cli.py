@@ -201,10 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _remove_partial_writes(root: str) -> None:
-    """Atomic writes cut short leave hidden ``.*.tmp`` files (readers skip them); remove them too."""
-    if "://" not in root and Path(root).is_dir():
-        for partial in Path(root).rglob(".*.tmp"):
-            partial.unlink(missing_ok=True)
+    """Atomic writes cut short leave hidden ``.*.tmp`` files (readers skip them): a table's file, or
+    a checkpoint beside the tables. Remove them too."""
+    from altgrad.results import TABLES
+
+    if "://" not in root:
+        for folder in (Path(root), *(Path(root) / table for table in TABLES)):
+            for partial in folder.glob(".*.tmp"):
+                partial.unlink(missing_ok=True)
 
 
 _signals_received: list[int] = []

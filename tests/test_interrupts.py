@@ -98,6 +98,16 @@ def test_an_interrupted_train_says_where_it_stopped_and_resumes_to_the_same_run(
     assert trials.loc[0, "status"] == "completed" and trials.loc[0, "steps_completed"] == CELL["steps"]
 
 
+def test_an_interrupt_removes_the_hidden_files_of_writes_it_cut_short(tmp_path):
+    kept = [tmp_path / "checkpoint.pt", tmp_path / "steps" / "cell.parquet"]
+    cut_short = [tmp_path / ".checkpoint.pt.tmp", tmp_path / "steps" / ".cell.0123abcd.tmp"]
+    for path in kept + cut_short:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"x")
+    cli._remove_partial_writes(str(tmp_path))
+    assert sorted(p for p in tmp_path.rglob("*") if p.is_file()) == sorted(kept)
+
+
 def test_sigterm_while_a_sweep_runs_asks_tune_to_stop_as_ctrl_c_does():
     # Ray Tune replaces the SIGINT handler while a sweep runs; a SIGTERM must reach that handler (which
     # stops the sweep and saves it) and be remembered as SIGTERM for the exit code.
