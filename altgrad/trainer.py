@@ -34,8 +34,9 @@ from altgrad.data import get_batch, load_data, validation_batches
 from altgrad.failure import label_failure
 from altgrad.layers import QuantLinear, apply_policy
 from altgrad.model import GPT, GPTConfig
-from altgrad.optim import build_optimizer
+from altgrad.optim import build_optimizer, grid_weight_scaling
 from altgrad.probes import PROBES
+from altgrad.scaling import Scaler
 
 Report = Callable[[dict, "Path | None"], None]
 
@@ -93,6 +94,10 @@ class Trainer:
         self.layers = {name: m for name, m in self.model.named_modules() if isinstance(m, QuantLinear)}
         for layer in self.layers.values():
             layer.stats_enabled = cell.diagnostics.stats
+            if cell.optimizer == "grid" and not layer.weight_format.is_native:
+                # GridOptim widens the grid by powers of two; a power-of-two weight scale keeps every
+                # master weight exactly on the grid the forward uses when the scale moves.
+                layer.scalers["weight"] = Scaler(layer.weight_format, grid_weight_scaling(cell.scaling)).to(self.device)
         self.optimizer = build_optimizer(cell.optimizer, self._param_groups(), lr=cell.lr, ulp_lr=cell.ulp_lr,
                                          weight_decay=cell.weight_decay, seed=cell.seed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cell))

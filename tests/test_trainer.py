@@ -4,6 +4,7 @@ import math
 import time
 
 import pandas as pd
+import torch
 import pytest
 
 from altgrad import results
@@ -185,3 +186,12 @@ def test_a_healthy_run_is_labelled_healthy_by_the_rules_in_its_cell(tmp_path):
 
     with pytest.raises(ConfigError, match="failure: .*loss_factor must be > 1, got 0.5"):
         tiny_cell(failure={"loss_factor": 0.5})
+
+
+def test_grid_cells_keep_every_master_weight_on_the_forward_grid(tmp_path):
+    trainer, summary = run(tiny_cell(format="E2M5", optimizer="grid", ulp_lr=2.0, steps=40), tmp_path)
+    assert summary["status"] == "completed"
+    for name, layer in trainer.layers.items():
+        scale = layer.weight_scale
+        assert torch.equal(torch.exp2(torch.log2(scale).round()), scale), name  # a power of two
+        assert torch.equal(layer.quantized_weight(), layer.weight.detach()), name  # the forward sees the master
