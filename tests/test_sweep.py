@@ -126,7 +126,7 @@ def decide(scheduler, trial_id, **result):
 
 def test_scheduler_stops_after_patience_consecutive_warnings_only():
     stops = []
-    scheduler = RankCollapseScheduler(patience=3, on_stop=lambda *args: stops.append(args[:2]))
+    scheduler = RankCollapseScheduler(patience=3, on_decision=lambda *args: stops.append(args[:2]))
     decisions = [decide(scheduler, "a", train_loss=2.0, rank_warnings=w) for w in (1, 1, 0, 1, 1, 1)]
     assert decisions == ["CONTINUE"] * 5 + ["STOP"]
     assert stops == [("a", "rank_collapse")]
@@ -143,10 +143,25 @@ def test_scheduler_counts_each_rank_check_once_when_reports_repeat_it():
 @pytest.mark.parametrize("loss", [float("nan"), float("inf"), 9.0])
 def test_scheduler_stops_a_diverging_loss(loss):
     stops = []
-    scheduler = RankCollapseScheduler(loss_factor=4.0, on_stop=lambda *args: stops.append(args[1]))
+    scheduler = RankCollapseScheduler(loss_factor=4.0, on_decision=lambda *args: stops.append(args[1]))
     assert decide(scheduler, "a", train_loss=2.0, rank_warnings=0) == "CONTINUE"
     assert decide(scheduler, "a", train_loss=loss, rank_warnings=0) == "STOP"
     assert stops == ["diverged"]
+
+
+def test_observe_mode_decides_as_act_mode_and_lets_the_trial_run():
+    acted, observed = [], []
+    act = RankCollapseScheduler(patience=2, on_decision=lambda *args: acted.append((args[1], args[3])))
+    observe = RankCollapseScheduler(patience=2, mode="observe",
+                                    on_decision=lambda *args: observed.append((args[1], args[3])))
+    reports = [dict(step=10 * i, train_loss=2.0, rank_warnings=1) for i in range(1, 5)]
+    assert [decide(act, "a", **r) for r in reports[:2]] == ["CONTINUE", "STOP"]
+    assert [decide(observe, "a", **r) for r in reports] == ["CONTINUE"] * 4
+    assert acted == [("rank_collapse", True)] and observed[0] == ("rank_collapse", False)
+    assert decide(observe, "a", step=50, train_loss=float("nan"), rank_warnings=0) == "STOP"  # ends in both modes
+    assert observed[-1] == ("diverged", True)
+    with pytest.raises(ValueError, match="mode must be one of act, observe"):
+        RankCollapseScheduler(mode="watch")
 
 
 def test_a_replayed_report_is_not_judged_again():
@@ -164,10 +179,12 @@ def test_the_schedulers_memory_survives_a_driver_restart_in_the_recorders_saved_
     before = SweepRecorder(spec, str(tmp_path), progress=False)
     for step in (10, 20):
         assert decide(before.scheduler, "a", step=step, train_loss=2.0, rank_warnings=1) == "CONTINUE"
-    before.record_stop("b", "rank_collapse", {})
+    before.record_decision("b", "rank_collapse", {"step": 20}, True)
+    before.record_decision("c", "rank_collapse", {"step": 40}, False)
     after = SweepRecorder(spec, str(tmp_path), progress=False)
     after.set_state(pickle.loads(pickle.dumps(before.get_state())))
     assert after.stop_reasons == {"b": "rank_collapse"}
+    assert after.would_stop == {"b": (20, "rank_collapse"), "c": (40, "rank_collapse")}
     assert decide(after.scheduler, "a", step=20, train_loss=2.0, rank_warnings=1) == "CONTINUE"  # a replay
     assert decide(after.scheduler, "a", step=30, train_loss=9.0, rank_warnings=0) == "STOP"  # 9 > 4 x best 2
     fresh = SweepRecorder(spec, str(tmp_path), progress=False)
@@ -223,6 +240,22 @@ def test_the_scheduler_stops_the_collapsing_trials_and_only_them(small_sweep):
     assert len(stopped) >= 1 and set(stopped.index) <= set(trials.index[sensitive])
     assert (stopped["stop_reason"] == "rank_collapse").all()
     assert (stopped["steps_completed"] < 60).all() and stopped["first_warning_step"].notna().all()
+    # Act mode records its decision as observe mode would: at the step it stopped.
+    assert (stopped["would_stop_reason"] == "rank_collapse").all()
+    assert (stopped["would_stop_step"] == stopped["steps_completed"]).all()
+
+
+def test_observe_mode_lets_a_warned_trial_finish_and_records_the_decision(tmp_path):
+    trial = {**TINY_TRIAL, "steps": 40, "rank_trend": {"warmup_steps": 0}}
+    path = sweep_file(tmp_path, trial=trial, matrix={"rank_trend.critical_drop_threshold": [0.9, 0.0001]},
+                      early_stopping={"mode": "observe", "rank_collapse": {"patience": 1}})
+    result = altgrad("sweep", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "out" / "t" / "trials").set_index("trial_id")
+    assert (trials["status"] == "completed").all() and (trials["steps_completed"] == 40).all()
+    warned, calm = trials.loc["0.0001"], trials.loc["0.9"]
+    assert warned["would_stop_reason"] == "rank_collapse" and warned["would_stop_step"] == warned["first_warning_step"]
+    assert pd.isna(calm["would_stop_step"]) and pd.isna(calm["would_stop_reason"])
 
 
 def test_resuming_a_finished_sweep_changes_nothing_and_says_so(small_sweep):

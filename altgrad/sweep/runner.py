@@ -107,23 +107,30 @@ class SweepRecorder(tune.Callback):
     def __init__(self, spec: SweepSpec, root: str, progress: bool = True, ended: dict[str, str] | None = None):
         self.cells = {cell.cell_id: cell for cell in spec.cells}
         self.root, self.sweep = root, spec.name
-        self.stop_reasons: dict[str, str] = {}
+        self.stop_reasons: dict[str, str] = {}  # acted on: the trial was stopped
+        self.would_stop: dict[str, tuple[int | None, str]] = {}  # the first decision, acted on or not
         self.finished: dict[str, str] = dict(ended or {})  # cell id -> status
-        self.scheduler = build_scheduler(spec, on_stop=self.record_stop)
+        self.scheduler = build_scheduler(spec, on_decision=self.record_decision)
         self.progress = progress
         self._bar = None
 
     # Ray saves and restores this with the experiment state.
     def get_state(self) -> dict:
-        return {"stop_reasons": dict(self.stop_reasons), "scheduler": self.scheduler.get_state()}
+        return {"stop_reasons": dict(self.stop_reasons), "would_stop": dict(self.would_stop),
+                "scheduler": self.scheduler.get_state()}
 
     def set_state(self, state: dict) -> None:
         self.stop_reasons.update(state.get("stop_reasons", {}))
+        self.would_stop.update({k: tuple(v) for k, v in state.get("would_stop", {}).items()})
         self.scheduler.set_state(state.get("scheduler", {}))
 
-    def record_stop(self, trial_id: str, reason: str, result: dict) -> None:
-        """The scheduler's STOP: remembered by Ray's trial id until the trial's row is written."""
-        self.stop_reasons[trial_id] = reason
+    def record_decision(self, trial_id: str, reason: str, result: dict, acted: bool) -> None:
+        """A rule's decision to stop, remembered by Ray's trial id until the trial's row is written: the
+        first one as would_stop (in both modes), and the reason of one acted on."""
+        step = result.get("step")
+        self.would_stop.setdefault(trial_id, (None if step is None else int(step), reason))
+        if acted:
+            self.stop_reasons[trial_id] = reason
 
     def setup(self, **info) -> None:
         if self.progress:
@@ -150,7 +157,8 @@ class SweepRecorder(tune.Callback):
         cell_id = trial.config["cell_id"]
         if cell_id in self.finished:
             return  # an ended trial keeps its row
-        row = self.row(cell_id, trial.last_result or {}, self.stop_reasons.get(trial.trial_id), error)
+        row = self.row(cell_id, trial.last_result or {}, self.stop_reasons.get(trial.trial_id), error,
+                       self.would_stop.get(trial.trial_id, (None, None)))
         results.write_rows(self.root, "trials", cell_id, [row])
         self.finished[cell_id] = row["status"]
         if self._bar:
@@ -158,9 +166,12 @@ class SweepRecorder(tune.Callback):
             counts = {status: list(self.finished.values()).count(status) for status in ("stopped", "error")}
             self._bar.set_postfix(counts, refresh=True)
 
-    def row(self, cell_id: str, last: dict, scheduler_reason: str | None, error: str | None) -> dict:
-        """The trials row from the trial's last report (its trainer's summary) and how it ended."""
+    def row(self, cell_id: str, last: dict, scheduler_reason: str | None, error: str | None,
+            would_stop: tuple[int | None, str | None] = (None, None)) -> dict:
+        """The trials row from the trial's last report (its trainer's summary), how it ended, and the
+        first decision a stopping rule took about it."""
         summary = dict(last.get("trial_summary") or self._empty_summary(cell_id))
+        summary["would_stop_step"], summary["would_stop_reason"] = would_stop
         if summary["steps_completed"] >= summary["steps_planned"]:
             scheduler_reason = None  # a STOP at the last report saved nothing: the run is complete
         reason = scheduler_reason or summary.get("stop_reason")
@@ -178,8 +189,7 @@ class SweepRecorder(tune.Callback):
         layers = cell.layers if isinstance(cell.layers, str) else str(cell.layers)
         return {"trial_id": cell_id, "format": cell.format, "optimizer": cell.optimizer, "layers": layers,
                 "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_completed": 0,
-                "steps_planned": cell.steps, "sweep": self.sweep, "final_train_loss": math.nan,
-                "final_val_loss": math.nan, "best_val_loss": math.nan, "wall_time_s": math.nan}
+                "steps_planned": cell.steps, "sweep": self.sweep}  # the rest was never measured: null
 
 
 def _error_text(trial) -> str:
@@ -222,7 +232,7 @@ def node_capacity() -> list[dict]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def build_scheduler(spec: SweepSpec, on_stop=None) -> RankCollapseScheduler:
+def build_scheduler(spec: SweepSpec, on_decision=None) -> RankCollapseScheduler:
     early = spec.early_stopping
     asha = None
     if "asha" in early:
@@ -235,7 +245,7 @@ def build_scheduler(spec: SweepSpec, on_stop=None) -> RankCollapseScheduler:
                              reduction_factor=settings.get("reduction_factor", 4))
     return RankCollapseScheduler(patience=int(early.get("rank_collapse", {}).get("patience", 2)),
                                  loss_factor=float(early.get("divergence", {}).get("loss_factor", 4.0)),
-                                 asha=asha, on_stop=on_stop)
+                                 asha=asha, mode=early.get("mode", "act"), on_decision=on_decision)
 
 
 def experiment_path(out: str, name: str) -> str:

@@ -8,6 +8,7 @@ from typing import Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 RANK_COLLAPSE, DIVERGED, ASHA = "rank_collapse", "diverged", "asha"
+MODES = ("act", "observe")
 
 
 def _number(value) -> float | None:
@@ -29,10 +30,13 @@ class RankCollapseScheduler(FIFOScheduler):
             neither counts nor resets.
         loss_factor: STOP when ``train_loss`` is NaN or infinite, or above ``loss_factor`` times the
             lowest train loss the trial has reported (``"diverged"``). A missing loss decides nothing.
-        asha: an optional ASHAScheduler (on val loss) asked about trials these rules let continue
-            (``"asha"``).
-        on_stop: called with ``(trial_id, reason, result)`` at each STOP, so the reason can be kept
-            where Ray saves state (a scheduler's own state is not saved across a driver restart).
+        asha: an optional ASHAScheduler (on val loss) asked, at reports that carry a val loss, about
+            trials these rules let continue (``"asha"``). It compares trials across the whole sweep:
+            in a study of which formats fail, keep it off (it stops exactly the cells in question).
+        mode: ``"act"`` stops trials; ``"observe"`` decides the same way and lets them run, so that a
+            sweep measures how well the rules predict failure. A non-finite loss ends the trial in both.
+        on_decision: called with ``(trial_id, reason, result, acted)`` at each decision to stop,
+            whether or not it was acted on, so the decision can be kept where Ray saves state.
 
     A report at a step already judged (a trial replaying from an older checkpoint after a restart)
     decides nothing: the decision on it was taken. Ray restores no scheduler state when a sweep
@@ -40,11 +44,14 @@ class RankCollapseScheduler(FIFOScheduler):
     """
 
     def __init__(self, patience: int = 2, loss_factor: float = 4.0, asha: ASHAScheduler | None = None,
-                 on_stop: Callable[[str, str, dict], None] | None = None):
+                 mode: str = "act", on_decision: Callable[[str, str, dict, bool], None] | None = None):
         super().__init__()
         if patience < 1 or loss_factor <= 1:
             raise ValueError(f"patience must be >= 1 and loss_factor > 1, got {patience} and {loss_factor}")
-        self.patience, self.loss_factor, self.asha, self.on_stop = patience, loss_factor, asha, on_stop
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        self.patience, self.loss_factor, self.asha, self.mode = patience, loss_factor, asha, mode
+        self.on_decision = on_decision
         self._streak: dict[str, int] = {}
         self._best_loss: dict[str, float] = {}
         self._last_check: dict[str, object] = {}
@@ -78,13 +85,16 @@ class RankCollapseScheduler(FIFOScheduler):
                 return TrialScheduler.CONTINUE  # a replay of a report already judged
             self._last_step[trial.trial_id] = step
         reason = self.stop_reason(trial.trial_id, result)
-        if reason is None and self.asha and self.asha.on_trial_result(tune_controller, trial, result) == self.STOP:
+        if (reason is None and self.asha and _number(result.get("val_loss")) is not None
+                and self.asha.on_trial_result(tune_controller, trial, result) == self.STOP):
             reason = ASHA
         if reason is None:
             return TrialScheduler.CONTINUE
-        if self.on_stop:
-            self.on_stop(trial.trial_id, reason, result)
-        return TrialScheduler.STOP
+        loss = _number(result.get("train_loss"))
+        acted = self.mode == "act" or (loss is not None and not math.isfinite(loss))
+        if self.on_decision:
+            self.on_decision(trial.trial_id, reason, result, acted)
+        return TrialScheduler.STOP if acted else TrialScheduler.CONTINUE
 
     def stop_reason(self, trial_id: str, result: dict) -> str | None:
         """This rule's verdict on one report (and its memory of the trial's earlier ones)."""
@@ -121,4 +131,5 @@ class RankCollapseScheduler(FIFOScheduler):
         self._last_step.pop(trial_id, None)
 
     def debug_string(self) -> str:
-        return f"RankCollapseScheduler(patience={self.patience}, loss_factor={self.loss_factor}, asha={bool(self.asha)})"
+        return (f"RankCollapseScheduler(patience={self.patience}, loss_factor={self.loss_factor}, "
+                f"asha={bool(self.asha)}, mode={self.mode})")

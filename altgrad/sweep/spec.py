@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 
 from altgrad.config import CellConfig, ConfigError, known_key, load_yaml, parse_cell, set_dotted
+from altgrad.sweep.scheduler import MODES
 
 SWEEP_KEYS = ("name", "trial", "matrix", "exclude", "early_stopping", "resources")
 EARLY_STOPPING_KEYS = {"rank_collapse": {"patience"}, "divergence": {"loss_factor"},
@@ -98,9 +99,15 @@ def _check_early_stopping(raw: dict, source: str) -> dict:
     early = raw.get("early_stopping") or {}
     if not isinstance(early, dict):
         raise ConfigError(source, "early_stopping", f"{early!r} is not a mapping")
+    mode = early.get("mode", "act")
+    if mode not in MODES:
+        raise ConfigError(source, "early_stopping.mode", f"{mode!r} is not one of {', '.join(MODES)}")
     for rule, settings in early.items():
+        if rule == "mode":
+            continue
         if rule not in EARLY_STOPPING_KEYS:
-            raise ConfigError(source, f"early_stopping.{rule}", f"unknown rule (known: {', '.join(EARLY_STOPPING_KEYS)})")
+            raise ConfigError(source, f"early_stopping.{rule}",
+                              f"unknown rule (known: mode, {', '.join(EARLY_STOPPING_KEYS)})")
         settings = settings or {}
         if not isinstance(settings, dict):
             raise ConfigError(source, f"early_stopping.{rule}", f"{settings!r} is not a mapping")
@@ -112,7 +119,7 @@ def _check_early_stopping(raw: dict, source: str) -> dict:
                 raise ConfigError(source, f"early_stopping.{rule}.{key}", f"{value!r} must be a positive number")
         if rule == "divergence" and settings.get("loss_factor", 2.0) <= 1:
             raise ConfigError(source, "early_stopping.divergence.loss_factor", "must be above 1")
-    return {rule: dict(settings or {}) for rule, settings in early.items()}
+    return {rule: settings if rule == "mode" else dict(settings or {}) for rule, settings in early.items()}
 
 
 def _check_resources(raw: dict, source: str) -> dict | None:
