@@ -11,6 +11,10 @@ is bitwise ``nn.Linear`` and differs from the 8-bit runs only in the format.
 
 Each quantization point ("weight", "input", "grad") counts overflow, underflow and NaN on the device
 during training; :meth:`QuantLinear.pop_stats` reads them with one host sync.
+
+A layer can switch to *protected mode* (:meth:`QuantLinear.protect`, driven by
+:mod:`altgrad.protection`): its forward weight becomes a frozen base plus a trained low-rank product,
+``W_p + B @ A``, rounded to the layer's format as the plain weight is.
 """
 
 from __future__ import annotations
@@ -119,6 +123,12 @@ class QuantLinear(nn.Linear):
             self.register_buffer(f"_stats_{point}", torch.zeros(5, dtype=torch.float64, device=self.weight.device),
                                  persistent=False)
         self._numel = dict.fromkeys(POINTS, 0)
+        # Protected mode (see protect()): the frozen base W_p and the trained factors B, A; None when the
+        # whole weight trains. The base and factors are module state, so state_dict carries the mode.
+        self.register_buffer("protected_base", None)
+        self.register_parameter("protected_b", None)
+        self.register_parameter("protected_a", None)
+        self.effective_grad: torch.Tensor | None = None  # protected mode: the last backward's dL/dW
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> QuantLinear:
@@ -147,10 +157,80 @@ class QuantLinear(nn.Linear):
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
         """The weight as the forward pass sees it now, without touching the amax history."""
-        return self._quantize_frozen("weight", self.weight)
+        return self._quantize_frozen("weight", self.effective_weight())
+
+    # ---- protected mode ------------------------------------------------------------------------
+    @property
+    def protected_rank(self) -> int:
+        """Rank of the trained factor B·A in protected mode; 0 when the whole weight trains."""
+        return 0 if self.protected_b is None else self.protected_b.shape[1]
+
+    def effective_weight(self) -> torch.Tensor:
+        """The fp32 weight the forward rounds: ``weight``, or in protected mode ``W_p + B @ A`` (two
+        rounded operations, never a fused addmm, so that :meth:`protect` can build W_p against the very
+        product the forward computes)."""
+        if self.protected_b is None:
+            return self.weight
+        return self.protected_base + self.protected_b @ self.protected_a
+
+    @torch.no_grad()
+    def protect(self, b: torch.Tensor, a: torch.Tensor) -> None:
+        """Train only the factors from now on: the forward's weight becomes ``W_p + B @ A`` with
+        ``W_p := W - B @ A`` frozen (a buffer), ``B`` (out x r) and ``A`` (r x in) new parameters.
+
+        The effective weight then equals ``W`` to within one float32 rounding of each entry of ``W_p``
+        (exact equality is impossible in general: ``W - P + P`` is not ``W`` in floating point when
+        ``|W - P| > |W|``). ``weight`` stays the layer's parameter, with no gradient while protected (an
+        optimizer skips it and keeps its state), and mirrors the effective weight after every
+        :meth:`refresh_weight`, so whatever reads ``weight`` (flips, master ranks) reads the weight that
+        trains. Protecting a protected layer merges it first."""
+        if b.ndim != 2 or a.ndim != 2 or b.shape[0] != self.out_features or a.shape[1] != self.in_features \
+                or b.shape[1] != a.shape[0] or b.shape[1] < 1:
+            raise ValueError(f"factors of shapes {tuple(b.shape)} and {tuple(a.shape)} do not make a "
+                             f"{self.out_features} x {self.in_features} weight")
+        self.unprotect()
+        like = {"dtype": self.weight.dtype, "device": self.weight.device}
+        self.protected_b = nn.Parameter(b.detach().to(**like).contiguous().clone())
+        self.protected_a = nn.Parameter(a.detach().to(**like).contiguous().clone())
+        self.protected_base = self.weight.detach() - self.protected_b @ self.protected_a
+        self.refresh_weight()
+
+    @torch.no_grad()
+    def unprotect(self) -> None:
+        """Merge: ``weight := W_p + B @ A`` exactly as the forward computes it (so the layer's function
+        does not change, bit for bit), and train the whole weight again. A no-op when not protected."""
+        if self.protected_b is None:
+            return
+        self.refresh_weight()
+        self.protected_base = self.protected_b = self.protected_a = None
+        self.effective_grad = None
+
+    @torch.no_grad()
+    def refresh_weight(self) -> None:
+        """Copy the effective weight into ``weight`` after the factors moved (protected mode only)."""
+        if self.protected_b is not None:
+            self.weight.copy_(self.effective_weight())
+
+    def _keep_effective_grad(self, grad: torch.Tensor) -> None:
+        self.effective_grad = grad
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Enter or leave protected mode as the saved state was, then load it (base and factors included)."""
+        b, a = state_dict.get(prefix + "protected_b"), state_dict.get(prefix + "protected_a")
+        if b is None or a is None:
+            self.protected_base = self.protected_b = self.protected_a = None  # weight comes from the state
+        elif self.protected_b is None or self.protected_b.shape != b.shape or self.protected_a.shape != a.shape:
+            like = {"dtype": self.weight.dtype, "device": self.weight.device}
+            self.protected_b = nn.Parameter(torch.empty(b.shape, **like))
+            self.protected_a = nn.Parameter(torch.empty(a.shape, **like))
+            self.protected_base = torch.empty_like(self.weight, memory_format=torch.contiguous_format).detach()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_q, weight_q = self._quantize("input", x), self._quantize("weight", self.weight)
+        weight = self.effective_weight()
+        if weight is not self.weight and weight.requires_grad:
+            weight.register_hook(self._keep_effective_grad)  # dL/dW, for the protection check's alignment
+        x_q, weight_q = self._quantize("input", x), self._quantize("weight", weight)
         if "grad" not in self.scalers or not torch.is_grad_enabled():
             return F.linear(x_q, weight_q, self.bias)
         # The bias stays inside F.linear's fused addmm, detached: _QuantizeGrad gives it its gradient.
@@ -203,8 +283,9 @@ class QuantLinear(nn.Linear):
 
     def extra_repr(self) -> str:
         grad = self.config.grad.name if self.config.grad else "off"
+        protected = f", protected_rank={self.protected_rank}" if self.protected_rank else ""
         return (f"{super().extra_repr()}, weight={self.config.weight.name}, "
-                f"input={self.config.activation.name}, grad={grad}")
+                f"input={self.config.activation.name}, grad={grad}{protected}")
 
 
 def _policy_patterns(fmt: FPFormat, layers) -> dict[str, str | FPFormat]:
