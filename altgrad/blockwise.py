@@ -59,7 +59,7 @@ def quantize_blockwise(x: torch.Tensor, fmt, *, block, scale_format: str, scale_
         raise ValueError(f"format={fmt.name!r} is a native torch dtype; block scaling needs an 8-bit format")
     compute_dtype = _compute_dtype(x.dtype)
     rows, cols = (x.shape[-2] if x.dim() > 1 else 1), x.shape[-1]
-    batched = x.detach().reshape(-1, rows, cols)
+    batched = x.detach().reshape(math.prod(x.shape[:-2]), rows, cols)
     noise = None
     if rounding == "stochastic":  # the draws quantize makes for x: one per element, in x's order
         noise = torch.rand(x.numel(), generator=generator, device=x.device, dtype=compute_dtype).view(batched.shape)
