@@ -18,14 +18,17 @@ all of its elements become NaN, as an MX block with a NaN scale does (what torch
 Elements round with :mod:`altgrad.quantize`'s own arithmetic (nearest-even, or stochastic from one
 uniform draw per element in x's order, exactly as ``quantize`` draws them); gradients pass straight through.
 
-The amax reduction and the rounding are one expression, compiled into a fused kernel on large tensors
-exactly as ``quantize`` is (same size threshold, same ``ALTGRAD_COMPILE=0`` switch), eager otherwise.
+The amax reduction and the rounding are one expression, compiled on large tensors into one kernel (a
+pass over x for the block amaxes, a pass that rounds, no other tensor of x's size) exactly as
+``quantize`` is (same size threshold, same ``ALTGRAD_COMPILE=0`` switch), eager otherwise; the tests
+check that both paths agree bit for bit.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +70,8 @@ def quantize_blockwise(x: torch.Tensor, fmt, *, block, scale_format: str, scale_
     # the block layout with them (generic loops, and a copy to cut the padding off).
     with torch.no_grad(), torch._dynamo.config.patch(specialize_int=True):
         quantized = _call(_blockwise_kernel, x.numel(), batched, noise, tile=tile, scale_format=scale_format,
-                          round_up=scale_format == "e8m0" and scale_rounding == "ceil", **_block_params(fmt, saturate, compute_dtype, x.device))
+                          round_up=scale_format == "e8m0" and scale_rounding == "ceil",
+                          **_block_params(fmt, saturate, compute_dtype, x.device))
     quantized = quantized.view(x.shape)
     if x.requires_grad and torch.is_grad_enabled():
         quantized = _StraightThrough.apply(x, quantized)
@@ -77,11 +81,12 @@ def quantize_blockwise(x: torch.Tensor, fmt, *, block, scale_format: str, scale_
 def _tile(block, ndim: int) -> tuple[int, int]:
     """``block`` as (rows, cols) over the trailing two dims; a 1-D block is one row high."""
     if (not isinstance(block, (tuple, list)) or len(block) not in (1, 2)
-            or not all(isinstance(size, int) and not isinstance(size, bool) and size > 0 for size in block)):
+            or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0
+                       for size in block)):
         raise ValueError(f"block={block!r} is not one or two positive integers, e.g. (32,), (1, 32), (128, 128)")
     if len(block) > ndim:
         raise ValueError(f"block={tuple(block)!r} spans {len(block)} dims, but the tensor has {ndim}")
-    return (1, *block) if len(block) == 1 else tuple(block)
+    return (1, int(block[0])) if len(block) == 1 else (int(block[0]), int(block[1]))
 
 
 @functools.lru_cache(maxsize=None)

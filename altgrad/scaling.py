@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from altgrad.blockwise import quantize_blockwise  # noqa: F401  (block scaling, re-exported here)
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _max_value, _quantize, quantize, quantize_with_stats
 

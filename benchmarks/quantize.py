@@ -1,5 +1,6 @@
-"""Throughput and peak memory of ``quantize`` for every format, side by side with ``x.clone()`` and
-torch's native ``x.to(torch.float8_e4m3fn).float()`` round trip, measured in one process.
+"""Throughput and peak memory of ``quantize`` for every format, and of block-scaled ``quantize_blockwise``
+(E4M3 in MX blocks of 1x32 with E8M0 or fp32 scales, and 128x128 tiles), side by side with ``x.clone()``
+and torch's native per-tensor ``x.to(torch.float8_e4m3fn).float()`` round trip, measured in one process.
 
     python benchmarks/quantize.py            # 16M float32 elements, as in the README
     python benchmarks/quantize.py --size 1e6 --repeat 3
@@ -19,8 +20,15 @@ import time
 
 import torch
 
+from altgrad.blockwise import quantize_blockwise
 from altgrad.formats import NAMES
 from altgrad.quantize import quantize
+
+# Block-scaled rows run on x viewed as rows of BLOCK_COLUMNS (a 4096 x 4096 matrix at the default size;
+# one row where the size is not a multiple).
+BLOCK_COLUMNS = 4096
+BLOCK_SCALED = [("1x32 e8m0 floor", (1, 32), "e8m0"), ("1x32 fp32", (1, 32), "fp32"),
+                ("128x128 e8m0 floor", (128, 128), "e8m0")]
 
 
 def best_time(fn, repeat: int) -> float:
@@ -38,6 +46,10 @@ def operations(x: torch.Tensor) -> dict:
     for name in NAMES:
         ops[f"quantize {name}"] = lambda name=name: quantize(x, name, saturate=True)
     ops["quantize E4M3 stochastic"] = lambda: quantize(x, "E4M3", saturate=True, rounding="stochastic")
+    matrix = x.view(-1, BLOCK_COLUMNS) if x.numel() % BLOCK_COLUMNS == 0 else x.view(1, -1)
+    for label, block, scale_format in BLOCK_SCALED:
+        ops[f"blockwise E4M3 {label}"] = lambda block=block, scale_format=scale_format: quantize_blockwise(
+            matrix, "E4M3", block=block, scale_format=scale_format)
     return ops
 
 
@@ -54,7 +66,7 @@ import sys, threading, torch
 sys.path.insert(0, "benchmarks")
 import quantize as bench
 x = torch.randn({size})
-bench.operations(x[: 1 << 17])[{label!r}]()  # compile on a slice, outside the measurement
+bench.operations(x[: 1 << 19])[{label!r}]()  # compile on a slice (128 whole rows), outside the measurement
 op, peak, done = bench.operations(x)[{label!r}], [0], threading.Event()
 def sample():
     while not done.is_set():
@@ -81,11 +93,11 @@ def main() -> None:
     ops = operations(x)
     native = best_time(ops["native e4m3fn round trip"], args.repeat)
     print(f"{size:,} float32 elements, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'operation':<28} {'ms':>8} {'Gelem/s':>8} {'vs native':>10} {'peak mem':>9}")
+    print(f"{'operation':<34} {'ms':>8} {'Gelem/s':>8} {'vs native':>10} {'peak mem':>9}")
     for label, fn in ops.items():
         seconds = native if label.startswith("native") else best_time(fn, args.repeat)
         memory = f"{peak_memory_ratio(label, size):.2f}x" if args.memory else "-"
-        print(f"{label:<28} {seconds * 1e3:8.1f} {size / seconds / 1e9:8.2f} {native / seconds:9.2f}x {memory:>9}")
+        print(f"{label:<34} {seconds * 1e3:8.1f} {size / seconds / 1e9:8.2f} {native / seconds:9.2f}x {memory:>9}")
 
 
 if __name__ == "__main__":
