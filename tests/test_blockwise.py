@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import altgrad.quantize as quantize_module
-from altgrad.scaling import quantize_blockwise  # the public path; defined in altgrad.blockwise
 from altgrad.formats import EIGHT_BIT_NAMES, get_format
 from altgrad.quantize import quantize
+from altgrad.scaling import quantize_blockwise  # the public path; defined in altgrad.blockwise
 
 SPECS = list(EIGHT_BIT_NAMES) + ["E4M3:special=ieee", "E5M2:bias=12", "E3M4:special=finite"]
 SCALES = [("e8m0", "floor"), ("e8m0", "ceil"), ("fp32", "floor")]
