@@ -152,18 +152,21 @@ def exited(pid: int) -> bool:
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
 
 
-def run_driver(sweep_file: Path, out: Path, address: str, env: dict, sample_s: float, timeout: float) -> dict:
+def run_driver(sweep_file: Path, out: Path, address: str, env: dict, sample_s: float, timeout: float,
+               profile: str | None = None) -> dict:
     """Run ``altgrad sweep --address``, sampling it until it exits; return its exit code, its exact CPU
     time (rusage), its output's tail and the samples (seconds, trials finished, CPU s, RSS MB)."""
     root, log_path = out / NAME, out / "driver.log"
     with open(log_path, "w") as log:
-        driver = subprocess.Popen([sys.executable, "-m", "altgrad.cli", "sweep", str(sweep_file), "--out", str(out),
+        profiler = ["-m", "cProfile", "-o", profile] if profile else []
+        driver = subprocess.Popen([sys.executable, *profiler, "-m", "altgrad.cli", "sweep", str(sweep_file), "--out", str(out),
                                    "--address", address], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     samples, started = [], time.time()
     try:
         while not exited(driver.pid):
             cpu_s, rss_mb = cpu_and_rss(driver.pid)
-            samples.append((time.time() - started, finished_trials(root), cpu_s, rss_mb))
+            if rss_mb:  # 0: it exited just now (a zombie holds no memory), and its CPU time comes from rusage
+                samples.append((time.time() - started, finished_trials(root), cpu_s, rss_mb))
             if time.time() - started > timeout:
                 driver.send_signal(signal.SIGINT)  # the sweep stops cleanly; its figures are partial
                 timeout = float("inf")
@@ -198,7 +201,8 @@ def driver_figures(run: dict, cells: int) -> dict:
             "rss_mb_per_trial": slope(finished[steady], rss[steady]),
             "rss_mb_first_row": float(rss[ended][0]) if ended.any() else None,
             "rss_mb_end": float(rss[-1]) if len(rss) else None,
-            "rss_mb_peak": float(rss.max()) if len(rss) else None, "samples": int(len(samples))}
+            "rss_mb_peak": float(rss.max()) if len(rss) else None, "samples": int(len(samples)),
+            "trace": {"trials_finished": finished.tolist(), "cpu_s": cpu.tolist(), "rss_mb": rss.tolist()}}
 
 
 def read_table(folder: Path, columns: list[str]) -> pd.DataFrame:
@@ -249,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for the driver and the cluster (e.g. a Tune setting "
                              "to measure); repeatable")
+    parser.add_argument("--profile", default=None, metavar="PATH",
+                        help="run the driver under cProfile, writing its stats here (its CPU figures then hold "
+                             "the profiler's cost)")
     args = parser.parse_args(argv)
     if args.cells < 2 or args.nodes < 1 or args.gpus < args.nodes:
         parser.error("need --cells >= 2 and --gpus >= --nodes >= 1")
@@ -264,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster = Cluster(args.gpus, args.nodes, env)
         try:
-            run = run_driver(sweep_file, out, cluster.address, env, args.sample_s, args.timeout_s)
+            run = run_driver(sweep_file, out, cluster.address, env, args.sample_s, args.timeout_s, args.profile)
         finally:
             cluster.stop()
         return report(args, run, out, sweep_file, cluster.stopped)

@@ -292,6 +292,9 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
     os.environ.update(env)  # before Ray starts: workers inherit it
     # num_to_keep forces an experiment snapshot per checkpoint; that is intended, not a warning.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Tune's own CSV, JSON and TensorBoard files per trial copy what the tables hold, and cost the driver
+    # more per trial than the rest of its bookkeeping (benchmarks/scale.py); without them, no TensorBoard hint.
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False if address is None else None)
     try:
