@@ -278,7 +278,7 @@ def test_a_reused_actor_starts_the_next_trial_clean(tmp_path):
     # and the trainer's state are the trial's own, whatever ran before it in that process.
     path = sweep_file(tmp_path, matrix={"format": ["E4M3"], "optimizer": ["grid"], "eval_iters": [2, 3]},
                       resources={"cpu": os.cpu_count()})
-    result = altgrad("sweep", str(path), "--out", str(tmp_path / "out"))
+    result = altgrad("sweep", str(path), "--out", str(tmp_path / "out"), env={"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
     t = assert_complete(tmp_path / "out" / "t", 2)
     reports = [json.loads(line) for f in (tmp_path / "out" / "t" / "_ray").rglob("result.json")

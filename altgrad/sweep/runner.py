@@ -14,6 +14,7 @@ Ray does not restore) is saved by Ray with the experiment, so both survive a dri
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -75,7 +76,8 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozen
     crash_at = int(os.environ.get(CRASH_AT_STEP, 0))
 
     def report(metrics: dict, checkpoint: Path | None) -> None:
-        metrics = {**metrics, "trial_summary": trainer.summary(status="running")}
+        # One string, not a dict of numbers: Tune keeps running statistics of every number a trial reports.
+        metrics = {**metrics, "trial_summary": json.dumps(trainer.summary(status="running"))}
         if checkpoint is None:
             tune.report(metrics)
         else:
@@ -161,6 +163,7 @@ class SweepRecorder(tune.Callback):
                        self.would_stop.get(trial.trial_id, (None, None)))
         results.write_rows(self.root, "trials", cell_id, [row])
         self.finished[cell_id] = row["status"]
+        _drop_checkpoints(trial)
         if self._bar:
             self._bar.update(1)
             counts = {status: list(self.finished.values()).count(status) for status in ("stopped", "error")}
@@ -170,7 +173,8 @@ class SweepRecorder(tune.Callback):
             would_stop: tuple[int | None, str | None] = (None, None)) -> dict:
         """The trials row from the trial's last report (its trainer's summary), how it ended, and the
         first decision a stopping rule took about it."""
-        summary = dict(last.get("trial_summary") or self._empty_summary(cell_id))
+        reported = last.get("trial_summary")
+        summary = json.loads(reported) if reported else self._empty_summary(cell_id)
         summary["would_stop_step"], summary["would_stop_reason"] = would_stop
         if summary["steps_completed"] >= summary["steps_planned"]:
             scheduler_reason = None  # a STOP at the last report saved nothing: the run is complete
@@ -190,6 +194,16 @@ class SweepRecorder(tune.Callback):
         return {"trial_id": cell_id, "format": cell.format, "optimizer": cell.optimizer, "layers": layers,
                 "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_completed": 0,
                 "steps_planned": cell.steps, "sweep": self.sweep}  # the rest was never measured: null
+
+
+def _drop_checkpoints(trial) -> None:
+    """An ended trial never runs again (its row says so): its checkpoints in Ray's folder are dead weight.
+    Deleting them here, rather than keeping the last few with ``num_to_keep`` (which forces a whole
+    experiment snapshot at every checkpoint), keeps the driver's cost per trial flat."""
+    try:
+        trial.storage.storage_filesystem.delete_dir(trial.storage.trial_fs_path)
+    except (FileNotFoundError, OSError):
+        pass
 
 
 def _error_text(trial) -> str:
@@ -290,8 +304,6 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
     if CRASH_AT_STEP in os.environ:
         env[CRASH_AT_STEP] = os.environ[CRASH_AT_STEP]
     os.environ.update(env)  # before Ray starts: workers inherit it
-    # num_to_keep forces an experiment snapshot per checkpoint; that is intended, not a warning.
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     # Tune's own CSV, JSON and TensorBoard files per trial copy what the tables hold, and cost the driver
     # more per trial than the rest of its bookkeeping (benchmarks/scale.py); without them, no TensorBoard hint.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
@@ -323,7 +335,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=2),
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=None),  # see _drop_checkpoints
                     callbacks=callbacks),
             )
         started = time.perf_counter()
