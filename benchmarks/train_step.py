@@ -5,7 +5,10 @@ side by side in one process (steps interleaved round-robin, so machine noise hit
     python benchmarks/train_step.py --format E5M2 --steps 200 --device cuda
 
 Ratios: "diagnostics cost" = defaults / diagnostics off (goal <= 1.05); "FP8 / fp32" = simulated FP8
-with diagnostics off / plain fp32 without quantization or diagnostics (goal <= 1.5 on the CPU).
+with diagnostics off / plain fp32 without quantization or diagnostics (goal <= 1.5 on the CPU);
+"protection checks cost" = defaults plus adaptive-SVD protection checks (every 50 steps, thresholds set so
+that no layer switches: the checks alone) / defaults (goal <= 1.10). "protected" is the same with a hair
+trigger: every watched layer trains as W_p + B·A, the mode's own cost (reported, no goal).
 Times are means over the measured steps, so the periodic rank checks are amortised as in a real run.
 """
 
@@ -17,20 +20,26 @@ import time
 import torch
 
 from altgrad.config import parse_cell
+from altgrad.protection import ProtectionConfig, ProtectionController
 from altgrad.trainer import Trainer
 
 OFF = {"flips_every": 0, "rank_every": 0, "stats": False}
 DEFAULTS = {"flips_every": 1, "rank_every": 50, "stats": True}
+CHECKS_ONLY = ProtectionConfig(mode="adaptive_svd", principal_threshold=1.0, release_threshold=1.0)
+PROTECTED = ProtectionConfig(mode="adaptive_svd", principal_threshold=0.0, release_threshold=0.0)
 
 
-def build(fmt: str, diagnostics: dict, args) -> Trainer:
+def build(fmt: str, diagnostics: dict, args, protection: ProtectionConfig | None = None) -> Trainer:
     cell = parse_cell({
         "format": fmt, "optimizer": args.optimizer, "steps": 10**6, "batch_size": args.batch_size,
         "model": {"n_layer": args.n_layer, "n_head": args.n_embd // 64, "n_embd": args.n_embd,
                   "block_size": args.block_size},
         "diagnostics": diagnostics, "device": args.device, "seed": 0,
     })
-    return Trainer(cell, trial_id=f"{fmt}", progress=False)
+    trainer = Trainer(cell, trial_id=f"{fmt}", progress=False)
+    if protection is not None:
+        trainer.probes.append(ProtectionController(trainer, protection))
+    return trainer
 
 
 def main() -> None:
@@ -50,6 +59,8 @@ def main() -> None:
         "fp32, no quantization, diagnostics off": build("fp32", OFF, args),
         f"{args.format}, diagnostics off": build(args.format, OFF, args),
         f"{args.format}, diagnostics at defaults": build(args.format, DEFAULTS, args),
+        f"{args.format}, defaults + protection checks": build(args.format, DEFAULTS, args, CHECKS_ONLY),
+        f"{args.format}, defaults + protected": build(args.format, DEFAULTS, args, PROTECTED),
     }
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     totals = dict.fromkeys(variants, 0.0)
@@ -69,8 +80,10 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.steps} steps each")
     for name, seconds in means.items():
         print(f"  {name:<42} {seconds * 1e3:8.1f} ms/step {tokens / seconds:10.0f} tokens/s")
-    fp32, off, on = means.values()
+    fp32, off, on, checks, protected = means.values()
     print(f"diagnostics cost (defaults / off):      {on / off:.3f}x  (goal <= 1.05)")
+    print(f"protection checks cost (checks / defaults): {checks / on:.3f}x  (goal <= 1.10)")
+    print(f"protected mode (protected / defaults):  {protected / on:.3f}x")
     print(f"simulated {args.format} / fp32 (diagnostics off): {off / fp32:.3f}x  (goal <= 1.5)")
 
 
