@@ -65,6 +65,8 @@ def _cmd_train(args) -> int:
     except KeyboardInterrupt:
         _remove_partial_writes(root)
         raise KeyboardInterrupt(f"at step {trainer.step}") from None
+    except ConfigError:
+        raise  # bad input (a resume on other data): nothing is written, the run's files stay as they were
     except Exception as error:
         results.write_rows(root, "trials", name, [trainer.summary("error", error=repr(error))])
         raise
