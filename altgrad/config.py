@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
+from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from altgrad.failure import FailureRules
 from altgrad.formats import get_format
 from altgrad.layers import LAYER_POLICIES
 from altgrad.optim import OPTIMIZERS
+from altgrad.protection import ProtectionConfig
 from altgrad.scaling import ScalingConfig
 
 
@@ -72,6 +74,7 @@ class CellConfig:
     scaling: ScalingConfig = field(default_factory=ScalingConfig)  # per-tensor scaling of every point
     rank_trend: RankTrendConfig = field(default_factory=RankTrendConfig)  # rank-collapse warnings
     failure: FailureRules = field(default_factory=FailureRules)  # what counts as a failed run, fixed beforehand
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)  # adaptive low-rank protection
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
     checkpoint_every: int = 0  # steps between checkpoints; 0 = at every evaluation
 
@@ -80,7 +83,7 @@ class CellConfig:
 
 
 _NESTED = {"model": ModelSettings, "diagnostics": DiagnosticSettings, "scaling": ScalingConfig,
-           "rank_trend": RankTrendConfig, "failure": FailureRules}
+           "rank_trend": RankTrendConfig, "failure": FailureRules, "protection": ProtectionConfig}
 
 
 def _field_types(cls) -> dict[str, object]:
@@ -124,6 +127,8 @@ def _build(cls, raw, source: str, prefix: str = ""):
             raise ConfigError(source, dotted, f"unknown key (known: {', '.join(defaults)})")
         if cls is CellConfig and key in _NESTED:
             values[key] = _build(_NESTED[key], value, source, dotted + ".")
+        elif cls is ProtectionConfig and key == "mode" and value is False:
+            values[key] = "off"  # YAML reads a bare `off` as false
         else:
             values[key] = _coerce(source, dotted, value, defaults[key])
     try:
@@ -181,8 +186,35 @@ def _check(cell: CellConfig, source: str) -> None:
         raise ConfigError(source, "model.dropout", f"{cell.model.dropout!r} must lie in [0, 1)")
     for key in ("flips_every", "rank_every"):
         non_negative(f"diagnostics.{key}", getattr(cell.diagnostics, key))
+    try:
+        cell.protection.check_optimizer(cell.optimizer)
+    except ValueError as error:
+        raise ConfigError(source, "protection.mode", str(error)) from None
+    if cell.protection.mode != "off":
+        _check_protected_layers(cell, source)
     if cell.device != "auto" and not (cell.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cell.device)):
         raise ConfigError(source, "device", f"{cell.device!r} is not auto, cpu, cuda or cuda:N")
+
+
+def _check_protected_layers(cell: CellConfig, source: str) -> None:
+    """Every protection.layers pattern names a linear layer of the model, and none a tied matrix (whose
+    other use a protected layer's frozen weight would not train). The model is built on the meta device:
+    names only, no memory."""
+    import torch
+
+    from altgrad.model import GPT, GPTConfig
+
+    with torch.device("meta"):
+        model = GPT(GPTConfig(vocab_size=2, **dataclasses.asdict(cell.model)))
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    for pattern in cell.protection.layers:
+        matched = [name for name in names if fnmatchcase(name, pattern)]
+        if not matched:
+            raise ConfigError(source, "protection.layers", f"{pattern!r} matches no linear layer "
+                                                           f"(layers: {', '.join(names)})")
+        if cell.model.tie_weights and "lm_head" in matched:
+            raise ConfigError(source, "protection.layers", f"{pattern!r} takes lm_head, whose matrix is tied to "
+                                                           f"the token embedding (model.tie_weights): leave it out")
 
 
 def parse_cell(raw: dict, source: str = "<cell>") -> CellConfig:

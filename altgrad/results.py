@@ -59,6 +59,7 @@ SCHEMAS = {
         ("principal_alignment", _F64), ("minor_alignment", _F64),
         ("weight_kurtosis", _F64), ("weight_amax", _F64), ("input_kurtosis", _F64), ("input_amax", _F64),
         ("grad_norm", _F64), ("adam_ratio", _F64),
+        ("protected_rank", _I64), ("reconstruction_error", _F64), ("spectral_concentration", _F64),
     ]),
 }
 

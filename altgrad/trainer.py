@@ -36,6 +36,7 @@ from altgrad.layers import QuantLinear, apply_policy
 from altgrad.model import GPT, GPTConfig
 from altgrad.optim import build_optimizer, grid_weight_scaling
 from altgrad.probes import PROBES
+from altgrad.protection import ProtectionController
 from altgrad.scaling import Scaler
 
 Report = Callable[[dict, "Path | None"], None]
@@ -102,7 +103,8 @@ class Trainer:
                                          weight_decay=cell.weight_decay, seed=cell.seed)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cell))
         self.batches = torch.Generator().manual_seed(cell.seed)
-        self.probes = [probe(self) for probe in PROBES]
+        # The controller last: its checks read the step after every probe's, and it may switch layers.
+        self.probes = [probe(self) for probe in PROBES] + [ProtectionController(self)]
         self.rows = {table: results.RowLog(table) for table in ("steps", "layers")}
         self.step = 0
         self.state = {"best_val_loss": None, "final_val_loss": None, "first_warning_step": None, "wall_time_s": 0.0,

@@ -20,26 +20,23 @@ import time
 import torch
 
 from altgrad.config import parse_cell
-from altgrad.protection import ProtectionConfig, ProtectionController
 from altgrad.trainer import Trainer
 
 OFF = {"flips_every": 0, "rank_every": 0, "stats": False}
 DEFAULTS = {"flips_every": 1, "rank_every": 50, "stats": True}
-CHECKS_ONLY = ProtectionConfig(mode="adaptive_svd", principal_threshold=1.0, release_threshold=1.0)
-PROTECTED = ProtectionConfig(mode="adaptive_svd", principal_threshold=0.0, release_threshold=0.0)
+CHECKS_ONLY = {"mode": "adaptive_svd", "principal_threshold": 1.0, "release_threshold": 1.0}
+PROTECTED = {"mode": "adaptive_svd", "principal_threshold": 0.0, "release_threshold": 0.0}
 
 
-def build(fmt: str, diagnostics: dict, args, protection: ProtectionConfig | None = None) -> Trainer:
+def build(fmt: str, diagnostics: dict, args, protection: dict | None = None) -> Trainer:
     cell = parse_cell({
         "format": fmt, "optimizer": args.optimizer, "steps": 10**6, "batch_size": args.batch_size,
         "model": {"n_layer": args.n_layer, "n_head": args.n_embd // 64, "n_embd": args.n_embd,
                   "block_size": args.block_size},
         "diagnostics": diagnostics, "device": args.device, "seed": 0,
+        "protection": protection or {"mode": "off"},
     })
-    trainer = Trainer(cell, trial_id=f"{fmt}", progress=False)
-    if protection is not None:
-        trainer.probes.append(ProtectionController(trainer, protection))
-    return trainer
+    return Trainer(cell, trial_id=f"{fmt}", progress=False)
 
 
 def main() -> None:

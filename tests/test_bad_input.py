@@ -100,3 +100,16 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys):
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     _rejects(capsys, ["train", str(cell), "--out", str(out), "--resume"], "data:", "fingerprint")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("keys, expected", [
+    ({"optimizer": "grid", "format": "E4M3", "protection": {"mode": "adaptive_svd"}}, "protection.mode:"),
+    ({"protection": {"mode": "adaptive_svd", "layers": ["*.c_attnn"]}}, "'*.c_attnn' matches no linear layer"),
+    ({"protection": {"mode": "adaptive_svd"}, "model": {**TINY["model"], "tie_weights": True}}, "tied"),
+    ({"protection": {"mode": "svd"}}, "mode='svd' is not one of off, adaptive_svd"),
+])
+def test_train_rejects_protection_that_cannot_work(tmp_path, capsys, keys, expected):
+    cell = _cell(tmp_path, **keys)
+    out = tmp_path / "out"
+    _rejects(capsys, ["train", str(cell), "--out", str(out)], str(cell), expected)
+    assert not out.exists()

@@ -5,9 +5,11 @@ controller in short trainer runs (the loss falls, resume across a switch is bit-
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
+import yaml
 
 from altgrad.config import parse_cell
 from altgrad.diagnostics import gradient_alignment
@@ -162,10 +164,12 @@ def test_a_protected_layers_state_dict_restores_the_mode_in_a_fresh_layer():
 # ---- the controller in a trainer -----------------------------------------------------------------
 
 def tiny_trainer(tmp_path, config=HAIR_TRIGGER, trial_id="t", **overrides):
-    cell = parse_cell({**TINY, "steps": 100, "diagnostics": {"flips_every": 1, "rank_every": 10}, **overrides})
+    protection = {**dataclasses.asdict(config), "layers": list(config.layers)}
+    cell = parse_cell({**TINY, "steps": 100, "diagnostics": {"flips_every": 1, "rank_every": 10},
+                       "protection": protection, **overrides})
     trainer = Trainer(cell, trial_id=trial_id, results_root=str(tmp_path / "res"),
                       checkpoint_path=tmp_path / f"{trial_id}.pt", progress=False)
-    trainer.probes.append(ProtectionController(trainer, config))
+    assert isinstance(trainer.probes[-1], ProtectionController) and trainer.probes[-1].config == config
     return trainer
 
 
@@ -243,3 +247,22 @@ def test_resume_across_switches_is_bit_identical(tmp_path):
     assert losses == [row["train_loss"] for row in straight.rows["steps"].arrow().to_pylist()]
     for name, layer in straight.layers.items():
         assert torch.equal(layer.weight, resumed.layers[name].weight), name
+
+
+def test_altgrad_train_with_the_protection_key_writes_its_layer_columns(tmp_path):
+    from altgrad.cli import main
+
+    cell = tmp_path / "cell.yaml"
+    cell.write_text(yaml.safe_dump({**TINY, "steps": 20, "diagnostics": {"flips_every": 1, "rank_every": 10}}) +
+                    "protection: {mode: adaptive_svd, every: 10, principal_threshold: 0.0, release_threshold: 0.0}\n")
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump({**TINY, "steps": 20, "diagnostics": {"flips_every": 1, "rank_every": 10}}) +
+                   "protection: {mode: off}\n")  # YAML reads a bare off as false: still the off mode
+    assert main(["train", str(cell), "--out", str(tmp_path / "out")]) == 0
+    assert main(["train", str(off), "--out", str(tmp_path / "out")]) == 0
+    layers = pd.read_parquet(tmp_path / "out" / "cell" / "layers")
+    watched = layers[layers.layer.isin(WATCHED)]
+    assert (watched.protected_rank > 0).all() and watched.reconstruction_error.between(0, 1).all()
+    assert (layers[~layers.layer.isin(WATCHED)].protected_rank == 0).all()
+    plain = pd.read_parquet(tmp_path / "out" / "off" / "layers")
+    assert plain.protected_rank.isna().all() and plain.reconstruction_error.isna().all()
