@@ -201,28 +201,29 @@ def print_figures(f: dict) -> None:
     a = f["args"]
     print(f"{f['device']}, torch {f['torch']}; model {a['n_layer']} x {a['n_embd']}, batch {a['batch_size']} x "
           f"{a['block_size']}, diagnostics off")
-    t = f["training"]
-    if "skipped" in t:
-        print(f"  training: skipped ({t['skipped']})")
-    else:
-        print(f"  training, {t['measured_steps']} steps each:")
-        for name, v in t["variants"].items():
-            print(f"    {name:<44} {v['ms_per_step']:8.2f} ms/step {v['tokens_per_s']:12.0f} tokens/s")
-        print(f"    E4M3 on bf16 GEMMs / bf16: {t['e4m3_bf16_gemm_over_bf16']:.3f}x (goal <= {GOAL_E4M3_OVER_BF16}); "
-              f"the trainer's E4M3 / bf16: {t['e4m3_fp32_gemm_over_bf16']:.3f}x")
-    q = f["quantizer"]
-    if "skipped" in q:
-        print(f"  quantizer: skipped ({q['skipped']})")
-    else:
-        print(f"  quantizer, {q['elements']:,} float32: quantize E4M3 {q['quantize_ms']:.3f} ms, native cast round "
-              f"trip {q['native_ms']:.3f} ms: {q['native_over_quantize']:.2f}x native; same values: "
-              f"{q['identical_values']}")
-    s = f["scaled_mm"]
-    if "skipped" in s:
-        print(f"  scaled_mm: skipped ({s['skipped']})")
-    else:
-        print(f"  scaled_mm E4M3 {'x'.join(map(str, s['shape']))} vs simulated GEMM: max |diff| {s['max_abs_diff']:.3g}, "
-              f"mean |diff| {s['mean_abs_diff']:.3g} (outputs up to {s['max_abs_value']:.3g})")
+    for section, lines in (("training", _training_lines), ("quantizer", _quantizer_lines),
+                           ("scaled_mm", _scaled_mm_lines)):
+        figures = f[section]
+        print(*([f"  {section}: skipped ({figures['skipped']})"] if "skipped" in figures else lines(figures)), sep="\n")
+
+
+def _training_lines(t: dict) -> list[str]:
+    return ([f"  training, {t['measured_steps']} steps each:"] +
+            [f"    {name:<44} {v['ms_per_step']:8.2f} ms/step {v['tokens_per_s']:12.0f} tokens/s"
+             for name, v in t["variants"].items()] +
+            [f"    E4M3 on bf16 GEMMs / bf16: {t['e4m3_bf16_gemm_over_bf16']:.3f}x (goal <= {GOAL_E4M3_OVER_BF16}); "
+             f"the trainer's E4M3 / bf16: {t['e4m3_fp32_gemm_over_bf16']:.3f}x"])
+
+
+def _quantizer_lines(q: dict) -> list[str]:
+    return [f"  quantizer, {q['elements']:,} float32: quantize E4M3 {q['quantize_ms']:.3f} ms, native cast round "
+            f"trip {q['native_ms']:.3f} ms: {q['native_over_quantize']:.2f}x native; same values: "
+            f"{q['identical_values']}"]
+
+
+def _scaled_mm_lines(s: dict) -> list[str]:
+    return [f"  scaled_mm E4M3 {'x'.join(map(str, s['shape']))} vs simulated GEMM: max |diff| {s['max_abs_diff']:.3g}, "
+            f"mean |diff| {s['mean_abs_diff']:.3g} (outputs up to {s['max_abs_value']:.3g})"]
 
 
 if __name__ == "__main__":
