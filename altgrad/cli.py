@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import shlex
 import signal
 import sys
@@ -79,7 +80,21 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _state_local_ray_auth(address: str | None) -> None:
+    """Ray 2.60 turns token authentication on for a local cluster that ``ray.init`` starts when
+    ``RAY_AUTH_MODE`` is unset, and warns at every start that it did. Asking for that same mode
+    explicitly is Ray's own way to silence it (an explicit mode is respected without a warning), and is
+    safe: the local cluster still requires its token (Ray still creates ``~/.ray/auth_token`` when
+    missing); it is not the opt-out, ``disabled``. A mode the user set wins; a cluster given by
+    ``--address`` (or ``RAY_ADDRESS``) keeps whatever mode it runs with. Ray reads the mode once, when
+    it is imported: after that (a caller that imported Ray first) setting it would split the driver
+    from the cluster it starts, so it is left alone."""
+    if address is None and "RAY_ADDRESS" not in os.environ and "ray" not in sys.modules:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def _cmd_sweep(args) -> int:
+    _state_local_ray_auth(args.address)
     from altgrad.sweep import load_sweep, run_sweep
     from altgrad.sweep.runner import results_root
 

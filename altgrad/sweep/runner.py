@@ -259,7 +259,8 @@ def build_scheduler(spec: SweepSpec, on_decision=None) -> RankCollapseScheduler:
                              reduction_factor=settings.get("reduction_factor", 4))
     return RankCollapseScheduler(patience=int(early.get("rank_collapse", {}).get("patience", 2)),
                                  loss_factor=float(early.get("divergence", {}).get("loss_factor", 4.0)),
-                                 asha=asha, mode=early.get("mode", "act"), on_decision=on_decision)
+                                 asha=asha, mode=early.get("mode", "act"), on_decision=on_decision,
+                                 action=early.get("rank_collapse", {}).get("action", "stop"))
 
 
 def experiment_path(out: str, name: str) -> str:
@@ -339,7 +340,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                     callbacks=callbacks),
             )
         started = time.perf_counter()
-        with _quiet_interrupt_messages():
+        with _quiet_tune_messages():
             tuner.fit()
         statuses = {cell_id: recorder.finished[cell_id] for cell_id in spec.cell_ids if cell_id in recorder.finished}
         unfinished = [cell_id for cell_id in spec.cell_ids if cell_id not in recorder.finished]
@@ -363,24 +364,35 @@ def _restore(path: str, trainable, scheduler: RankCollapseScheduler, callbacks: 
     return tuner
 
 
-class _InterruptMessages(logging.Filter):
-    """Tune's own words on an interrupt (how to resume through ``Tuner.restore``); the sweep says it
-    in altgrad's terms instead."""
-
-    PREFIXES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: tuple[str, ...]):
+        super().__init__()
+        self.prefixes = prefixes
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.PREFIXES)
+        return not record.getMessage().startswith(self.prefixes)
+
+
+# Tune's own words on an interrupt (how to resume through ``Tuner.restore``): the sweep says it in
+# altgrad's terms instead.
+INTERRUPT_MESSAGES = ("Stop signal received", "Experiment has been interrupted", "Trials did not complete")
+# With Tune's loggers off no trial has a result.json or progress.csv, and the result grid that ``fit``
+# returns, which the sweep never reads, warns that it found none: the tables hold the results.
+MISSING_RESULT_FILES = ("Failed to fetch metrics",)
 
 
 @contextlib.contextmanager
-def _quiet_interrupt_messages():
-    logger, drop = logging.getLogger("ray.tune.tune"), _InterruptMessages()
-    logger.addFilter(drop)
+def _quiet_tune_messages():
+    drops = [(logging.getLogger("ray.tune.tune"), _DropMessages(INTERRUPT_MESSAGES))]
+    if os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS") == "1":
+        drops.append((logging.getLogger("ray.tune.analysis.experiment_analysis"), _DropMessages(MISSING_RESULT_FILES)))
+    for logger, drop in drops:
+        logger.addFilter(drop)
     try:
         yield
     finally:
-        logger.removeFilter(drop)
+        for logger, drop in drops:
+            logger.removeFilter(drop)
 
 
 def _experiment_dir(out: str, name: str) -> str:
