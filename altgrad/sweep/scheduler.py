@@ -8,7 +8,9 @@ from typing import Callable
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 RANK_COLLAPSE, DIVERGED, ASHA = "rank_collapse", "diverged", "asha"
+RANK_COLLAPSE_PROTECTED = "rank_collapse (protected)"  # the rule fired, and the trial protected its layers
 MODES = ("act", "observe")
+ACTIONS = ("stop", "protect")
 
 
 def _number(value) -> float | None:
@@ -28,6 +30,9 @@ class RankCollapseScheduler(FIFOScheduler):
             ``"rank_collapse"``). Reports between two checks repeat the last one's warnings; when they
             carry ``rank_check_step``, a repeat is not counted twice. A report without the metric
             neither counts nor resets.
+        action: ``"stop"`` acts on a rank collapse as ``mode`` says; ``"protect"`` never stops for it: the
+            trials protect their warned layers themselves (``protection.trigger: rank_warning``, which the
+            sweep file sets in every cell), and the decision is recorded as ``"rank_collapse (protected)"``.
         loss_factor: STOP when ``train_loss`` is NaN or infinite, or above ``loss_factor`` times the
             lowest train loss the trial has reported (``"diverged"``). A missing loss decides nothing.
         asha: an optional ASHAScheduler (on val loss) asked, at reports that carry a val loss, about
@@ -44,13 +49,16 @@ class RankCollapseScheduler(FIFOScheduler):
     """
 
     def __init__(self, patience: int = 2, loss_factor: float = 4.0, asha: ASHAScheduler | None = None,
-                 mode: str = "act", on_decision: Callable[[str, str, dict, bool], None] | None = None):
+                 mode: str = "act", on_decision: Callable[[str, str, dict, bool], None] | None = None,
+                 action: str = "stop"):
         super().__init__()
         if patience < 1 or loss_factor <= 1:
             raise ValueError(f"patience must be >= 1 and loss_factor > 1, got {patience} and {loss_factor}")
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode not in MODES or action not in ACTIONS:
+            raise ValueError(f"mode must be one of {', '.join(MODES)} and action one of {', '.join(ACTIONS)}, "
+                             f"got {mode!r} and {action!r}")
         self.patience, self.loss_factor, self.asha, self.mode = patience, loss_factor, asha, mode
+        self.action = action
         self.on_decision = on_decision
         self._streak: dict[str, int] = {}
         self._best_loss: dict[str, float] = {}
@@ -91,7 +99,8 @@ class RankCollapseScheduler(FIFOScheduler):
         if reason is None:
             return TrialScheduler.CONTINUE
         loss = _number(result.get("train_loss"))
-        acted = self.mode == "act" or (loss is not None and not math.isfinite(loss))
+        acted = reason != RANK_COLLAPSE_PROTECTED and (self.mode == "act" or (loss is not None
+                                                                         and not math.isfinite(loss)))
         if self.on_decision:
             self.on_decision(trial.trial_id, reason, result, acted)
         return TrialScheduler.STOP if acted else TrialScheduler.CONTINUE
@@ -111,7 +120,7 @@ class RankCollapseScheduler(FIFOScheduler):
         if warnings is not None and math.isfinite(warnings):
             self._streak[trial_id] = self._streak.get(trial_id, 0) + 1 if warnings > 0 else 0
             if self._streak[trial_id] >= self.patience:
-                return RANK_COLLAPSE
+                return RANK_COLLAPSE_PROTECTED if self.action == "protect" else RANK_COLLAPSE
         return None
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
@@ -132,4 +141,4 @@ class RankCollapseScheduler(FIFOScheduler):
 
     def debug_string(self) -> str:
         return (f"RankCollapseScheduler(patience={self.patience}, loss_factor={self.loss_factor}, "
-                f"asha={bool(self.asha)}, mode={self.mode})")
+                f"asha={bool(self.asha)}, mode={self.mode}, action={self.action})")
