@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from altgrad import whatif
 from altgrad.diagnostics import FlipTracker, RankTrendDetector, critical_layer_metrics, rank_metrics, stall_ratio
 from altgrad.layers import POINTS
 
@@ -181,6 +182,7 @@ class SpectrumProbe(Probe):
         self.detector = RankTrendDetector(trainer.cell.rank_trend)
         self.critical = {name for name in trainer.layers if self.detector.is_critical(name)}
         self.bases: dict[str, torch.Tensor | None] = {}
+        self.warned: dict[str, bool] = {}  # each layer's warning at its latest check (protection's trigger)
         self.warnings = 0
 
     @torch.no_grad()
@@ -194,6 +196,7 @@ class SpectrumProbe(Probe):
             metrics = rank_metrics(weight)
         master = metrics if layer.weight_format.name == "fp32" else rank_metrics(layer.weight)
         warning = self.detector.update(name, step, metrics[self.trainer.cell.rank_trend.metric])
+        self.warned[name] = warning
         self.warnings += int(warning and critical)
         return {**metrics, **{self.MASTER[key]: master[key] for key in self.MASTER}, "rank_warning": warning,
                 "critical": critical, "layer_format": layer.weight_format.name,
@@ -227,14 +230,18 @@ def _measured(values: torch.Tensor, finite_input: torch.Tensor) -> list[float | 
     return [v if ok else None for v, ok in zip(values.tolist(), defined.tolist())]
 
 
-class MomentsProbe(Probe):
-    """Outliers at each rank check: kurtosis and amax of each layer's fp32 master weight, and of the input
-    activation of the check step's forward (caught by a forward pre-hook registered for that step only)."""
+class _CheckInputProbe(Probe):
+    """A probe that reads each layer's input activation in the check step's training forward, caught by a
+    forward pre-hook registered for that step only and reduced at once by :meth:`summarize_input` (so no
+    activation outlives the forward); :meth:`caught_input` then hands the summary over, once."""
 
     def __init__(self, trainer):
         super().__init__(trainer)
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.inputs: dict[str, torch.Tensor | None] = {}
         self.hooks = []
+
+    def summarize_input(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        raise NotImplementedError
 
     def before_forward(self, step: int, checking: bool) -> None:
         if not checking:
@@ -243,9 +250,9 @@ class MomentsProbe(Probe):
             self.hooks.append(layer.register_forward_pre_hook(self._keep_input(name)))
 
     def _keep_input(self, name: str):
+        @torch.no_grad()
         def hook(module, args):
-            x = args[0].detach()
-            self.inputs[name] = torch.cat([_kurtosis_and_amax(x), torch.isfinite(x).all().double()[None]])
+            self.inputs[name] = self.summarize_input(module, args[0].detach())
         return hook
 
     def before_optimizer_step(self, step: int, checking: bool) -> None:
@@ -253,11 +260,23 @@ class MomentsProbe(Probe):
             hook.remove()
         self.hooks = []
 
+    def caught_input(self, name: str) -> torch.Tensor | None:
+        """The summary of ``name``'s input; None when the layer did not run in the check step's forward."""
+        return self.inputs.pop(name, None)
+
+
+class MomentsProbe(_CheckInputProbe):
+    """Outliers at each rank check: kurtosis and amax of each layer's fp32 master weight, and of the input
+    activation of the check step's forward."""
+
+    def summarize_input(self, layer, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([_kurtosis_and_amax(x), torch.isfinite(x).all().double()[None]])
+
     @torch.no_grad()
     def layer_columns(self, name: str, layer) -> dict:
         weight = layer.weight.detach()
         weight_kurtosis, weight_amax = _measured(_kurtosis_and_amax(weight), torch.isfinite(weight).all())
-        caught = self.inputs.pop(name, None)  # None: the layer did not run in the check step's forward
+        caught = self.caught_input(name)
         input_kurtosis, input_amax = (None, None) if caught is None else _measured(caught[:2], caught[2] == 1)
         return {"weight_kurtosis": weight_kurtosis, "weight_amax": weight_amax,
                 "input_kurtosis": input_kurtosis, "input_amax": input_amax}
@@ -307,4 +326,27 @@ class GradientProbe(Probe):
         return {"grad_norm": norm, "adam_ratio": ratio}
 
 
-PROBES = (FlipProbe, QuantStatsProbe, SpectrumProbe, MomentsProbe, GradientProbe)
+class WhatIfProbe(_CheckInputProbe):
+    """At each rank check, for 8-bit layers: what per-tensor, per-row and MX scaling in the layer's format
+    would cost on its fp32 master weight and on the check step's input activation (relative MSE, share
+    flushed to zero; see :mod:`altgrad.whatif`), whichever recipe the layer trains with. Null for
+    fp32/bf16/fp16 layers, which have no 8-bit grid."""
+
+    COLUMNS = {"weight": whatif.column_names("weight"), "input": whatif.column_names("input")}
+
+    def summarize_input(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        return None if layer.weight_format.is_native else whatif.quantization_errors(x, layer.weight_format)
+
+    def layer_columns(self, name: str, layer) -> dict:
+        caught = self.caught_input(name)
+        columns = dict.fromkeys(column for names in self.COLUMNS.values() for column in names)
+        if layer.weight_format.is_native:
+            return columns
+        measured = {"weight": whatif.quantization_errors(layer.weight, layer.weight_format), "input": caught}
+        for tensor, values in measured.items():
+            if values is not None:  # None: the layer did not run in the check step's forward
+                columns.update(zip(self.COLUMNS[tensor], _measured(values[:-1], values[-1] == 1)))
+        return columns
+
+
+PROBES = (FlipProbe, QuantStatsProbe, SpectrumProbe, MomentsProbe, GradientProbe, WhatIfProbe)

@@ -60,6 +60,10 @@ SCHEMAS = {
         ("weight_kurtosis", _F64), ("weight_amax", _F64), ("input_kurtosis", _F64), ("input_amax", _F64),
         ("grad_norm", _F64), ("adam_ratio", _F64),
         ("protected_rank", _I64), ("reconstruction_error", _F64), ("spectral_concentration", _F64),
+        ("whatif_weight_rel_mse_tensor", _F64), ("whatif_weight_rel_mse_row", _F64), ("whatif_weight_rel_mse_mx", _F64),
+        ("whatif_weight_flushed_tensor", _F64), ("whatif_weight_flushed_row", _F64), ("whatif_weight_flushed_mx", _F64),
+        ("whatif_input_rel_mse_tensor", _F64), ("whatif_input_rel_mse_row", _F64), ("whatif_input_rel_mse_mx", _F64),
+        ("whatif_input_flushed_tensor", _F64), ("whatif_input_flushed_row", _F64), ("whatif_input_flushed_mx", _F64),
     ]),
 }
 
