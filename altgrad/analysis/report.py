@@ -199,8 +199,10 @@ def default_report_dir(path: str) -> Path:
 def report_main(path: str, out: str | None = None) -> int:
     """``altgrad report PATH [--out DIR]``: print the cross-format table, write the report, say where.
     A path without results raises ConfigError (a ValueError, one line): the CLI exits 2."""
+    from altgrad.analysis.terminal import terminal_table
+
     results = load_results(path)
-    print(_markdown(_display_cells(format_optimizer_table(results))))
+    print(terminal_table(_display_cells(format_optimizer_table(results))))
     report = write_report(results, out or default_report_dir(path))
     print(f"\nreport: {report}")
     return 0
