@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 
 from altgrad.formats import FPFormat, get_format
-from altgrad.quantize import (ROUNDINGS, _LAYOUT, _call, _check_input, _compute_dtype, _format_params, _isinf,
-                              _round_to_format, _StraightThrough)
+from altgrad.quantize import (ROUNDINGS, _LAYOUT, _call, _check_input, _compute_dtype, _count, _format_params,
+                              _isinf, _isnan, _round_to_format, _StraightThrough)
 
 SCALE_FORMATS = ("e8m0", "fp32")
 SCALE_ROUNDINGS = ("floor", "ceil")
@@ -49,6 +49,35 @@ def quantize_blockwise(x: torch.Tensor, fmt, *, block, scale_format: str, scale_
     """x quantized to ``fmt`` with one scale per ``block`` (sizes over x's trailing dims), dequantized:
     x's shape and dtype. See the module docstring for the scale rules; ``scale_rounding`` applies to
     e8m0 scales only. Bad arguments raise ValueError naming the key and value."""
+    return _quantize_blockwise(x, fmt, block=block, scale_format=scale_format, scale_rounding=scale_rounding,
+                               rounding=rounding, saturate=saturate, generator=generator)
+
+
+def quantize_blockwise_with_stats(x: torch.Tensor, fmt, *, block, scale_format: str, scale_rounding: str = "floor",
+                                  rounding: str = "nearest", saturate: bool = True,
+                                  generator: torch.Generator | None = None, epilogue=None, epilogue_args=()):
+    """:func:`quantize_blockwise`, plus from the same pass what training diagnostics count: a float32
+    tensor ``[amax, overflow, underflow, nan, min scale, 1 / min scale, max scale]`` (overflow counts
+    ``|x * s| > max`` before saturation, underflow non-zero x rounded to zero, nan NaN results; the scales
+    are the blocks' multipliers s, ``1 / X`` for e8m0, over blocks with a finite non-zero amax, 0 where
+    there is none), and the blocks' scales s, shaped (batch, row tiles, 1, col tiles, 1) (see
+    :func:`per_element_scale`). ``epilogue(stats, block_scales, *epilogue_args)``, which updates tensors
+    in place, runs inside the same (compiled) call, as a Scaler's bookkeeping does in ``quantize``."""
+    return _quantize_blockwise(x, fmt, block=block, scale_format=scale_format, scale_rounding=scale_rounding,
+                               rounding=rounding, saturate=saturate, generator=generator, with_stats=True,
+                               epilogue=epilogue, epilogue_args=epilogue_args)
+
+
+def per_element_scale(block_scales: torch.Tensor, block, shape) -> torch.Tensor:
+    """The blocks' scales from :func:`quantize_blockwise_with_stats` spread over a tensor of ``shape``:
+    each element's multiplier s (what broadcasts against the tensor, as a per-tensor scale does)."""
+    tile = _tile(block, len(shape))
+    rows, cols = (shape[-2] if len(shape) > 1 else 1), shape[-1]
+    return _per_element(block_scales, tile, (block_scales.shape[0], rows, cols)).reshape(shape)
+
+
+def _quantize_blockwise(x, fmt, *, block, scale_format, scale_rounding, rounding, saturate, generator,
+                        with_stats=False, epilogue=None, epilogue_args=()):
     fmt = get_format(fmt)
     _check_input(x, "quantize_blockwise")
     tile = _tile(block, x.dim())
@@ -66,16 +95,20 @@ def quantize_blockwise(x: torch.Tensor, fmt, *, block, scale_format: str, scale_
     noise = None
     if rounding == "stochastic":  # the draws quantize makes for x: one per element, in x's order
         noise = torch.rand(x.numel(), generator=generator, device=x.device, dtype=compute_dtype).view(batched.shape)
+    kernel, extra = _blockwise_kernel, {}
+    if with_stats:
+        kernel, extra = _blockwise_stats_kernel, {"epilogue": epilogue, "epilogue_args": tuple(epilogue_args)}
     # specialize_int: compiled with dynamic shapes, the block sizes would otherwise become symbolic, and
     # the block layout with them (generic loops, and a copy to cut the padding off).
     with torch.no_grad(), torch._dynamo.config.patch(specialize_int=True):
-        quantized = _call(_blockwise_kernel, x.numel(), batched, noise, tile=tile, scale_format=scale_format,
-                          round_up=scale_format == "e8m0" and scale_rounding == "ceil",
-                          **_block_params(fmt, saturate, compute_dtype, x.device))
+        out = _call(kernel, x.numel(), batched, noise, tile=tile, scale_format=scale_format,
+                    round_up=scale_format == "e8m0" and scale_rounding == "ceil", **extra,
+                    **_block_params(fmt, saturate, compute_dtype, x.device))
+    quantized, *rest = out if with_stats else (out,)
     quantized = quantized.view(x.shape)
     if x.requires_grad and torch.is_grad_enabled():
         quantized = _StraightThrough.apply(x, quantized)
-    return quantized
+    return (quantized, *rest) if with_stats else quantized
 
 
 def _tile(block, ndim: int) -> tuple[int, int]:
@@ -99,24 +132,46 @@ def _block_params(fmt: FPFormat, saturate: bool, compute_dtype: torch.dtype, dev
             "max_fraction_field": as_int(int((2 * fraction - 1) * 2**mant))}
 
 
-def _blockwise_kernel(x, noise, *, tile, scale_format: str, round_up: bool, max_binade, max_fraction_field,
-                      **params):
+def _blockwise_kernel(x, noise, **kwargs):
     """The quantized ``x`` (batch, rows, cols), each ``tile`` block with its own scale. The scales come
     from one reduction over blocks; the rounding then runs over x itself, each element reading its
     block's scale, so that torch.compile makes one pass over x for each and no other tensor of x's size."""
+    return _blockwise(x, noise, **kwargs)[0]
+
+
+def _blockwise_stats_kernel(x, noise, *, epilogue, epilogue_args, **kwargs):
+    """:func:`_blockwise_kernel`, plus the counts and block scales of :func:`quantize_blockwise_with_stats`."""
+    quantized, scale, block_scale, amax = _blockwise(x, noise, **kwargs)
+    max_value = kwargs["max_value"]
+    magnitude = x.to(scale.dtype).abs()
+    counts = (magnitude * scale > max_value, (x != 0) & (quantized == 0), _isnan(quantized))
+    usable = (amax > 0) & (amax < math.inf)
+    smallest = torch.where(usable, block_scale, math.inf).amin()
+    stats = torch.stack([amax.amax(), *(_count(c).to(amax.dtype) for c in counts), torch.where(usable.any(), smallest, 0),
+                         torch.where(usable.any(), 1 / smallest, 0), torch.where(usable, block_scale, 0).amax()]).float()
+    if epilogue is not None:
+        epilogue(stats, block_scale, *epilogue_args)
+    return quantized, stats, block_scale
+
+
+def _blockwise(x, noise, *, tile, scale_format: str, round_up: bool, max_binade, max_fraction_field, **params):
+    """The quantized x, each element's scale s (x's shape), the blocks' scales and their amaxes (block
+    layout): x's one reduction over blocks and one rounding pass, shared by both kernels."""
     work_dtype = params["max_value"].dtype
     amax = _as_blocks(x, tile).to(work_dtype).abs().amax(dim=(2, 4), keepdim=True)
     finite = amax < math.inf  # else NaN scales: a block holding NaN or ±inf comes out all NaN
     if scale_format == "e8m0":
         k = _e8m0_exponent(amax, max_binade, max_fraction_field, round_up)
-        scale = torch.where(finite, _power_of_two(-k), math.nan)
-        rounded = _round_to_format(x, _per_element(scale, tile, x.shape), noise, **params)
-        return (rounded * _per_element(_power_of_two(k), tile, x.shape)).to(x.dtype)
+        block_scale = torch.where(finite, _power_of_two(-k), math.nan)
+        scale = _per_element(block_scale, tile, x.shape)
+        rounded = _round_to_format(x, scale, noise, **params)
+        return (rounded * _per_element(_power_of_two(k), tile, x.shape)).to(x.dtype), scale, block_scale, amax
     # max / amax correctly rounded to float32 on every backend: divided in float64 (as scaling does)
-    scale = (params["max_value"].double() / amax.double()).float()
-    scale = torch.where(amax == 0, 1.0, torch.where(_isinf(scale), _FLOAT32_MAX, scale))
-    scale = _per_element(torch.where(finite, scale.to(work_dtype), math.nan), tile, x.shape)
-    return (_round_to_format(x, scale, noise, **params) / scale).to(x.dtype)
+    block_scale = (params["max_value"].double() / amax.double()).float()
+    block_scale = torch.where(amax == 0, 1.0, torch.where(_isinf(block_scale), _FLOAT32_MAX, block_scale))
+    block_scale = torch.where(finite, block_scale.to(work_dtype), math.nan)
+    scale = _per_element(block_scale, tile, x.shape)
+    return (_round_to_format(x, scale, noise, **params) / scale).to(x.dtype), scale, block_scale, amax
 
 
 def _as_blocks(x, tile):

@@ -118,8 +118,10 @@ class FlipTracker:
         """Follow ``weight`` (the parameter itself, read at every measure) as ``fmt`` quantizes it.
 
         ``scale`` is the tensor the forward multiplies by before rounding, also read at every measure:
-        pass the ``Scaler.scale`` buffer, which the scaler updates in place. Tracking a name again
-        restarts it."""
+        pass the ``Scaler.scale`` buffer, which the scaler updates in place, or under row/block scaling
+        ``QuantLinear.weight_scale``, one scale per element (anything that broadcasts against the weight):
+        then flips are counted at each block's fixed scale, and a block whose scale moved re-codes.
+        Tracking a name again restarts it."""
         self._tracked[name] = _Tracked(weight, get_format(fmt), scale)
 
     def state_dict(self) -> dict[str, dict[str, torch.Tensor | None]]:
@@ -155,7 +157,7 @@ class FlipTracker:
 
 def _any_scale_moved(tracked: list[_Tracked]) -> bool:
     """Whether any weight's scale differs from the one its codes were taken at (a host sync, if any has)."""
-    moved = [t.scale != t.code_scale for t in tracked if t.codes is not None and t.scale is not None]
+    moved = [(t.scale != t.code_scale).any() for t in tracked if t.codes is not None and t.scale is not None]
     return bool(moved) and bool(torch.stack(moved).any())
 
 
@@ -167,8 +169,8 @@ def _codes_and_counts(tracked: list[_Tracked], rescaled: bool) -> tuple[list[tor
     weights = [_flat(f.weight) for f in fused]
     previous = [_flat(f.codes) for f in fused]
     grads = [_flat(f.weight.grad) for f in fused]
-    scales = [_scale_tensor(f.scale, f.weight) for f in fused]
-    code_scales = [_scale_tensor(_code_scale(f), f.weight) for f in fused]
+    scales = [_flat_scale(f.scale, f.weight) for f in fused]
+    code_scales = [_flat_scale(_code_scale(f), f.weight) for f in fused]
     params = [_code_params(f.fmt, True, 0x7F if f.fmt.has_nan else 0, _compute_dtype(f.weight.dtype), f.weight.device)
               for f in fused]  # the codes forward_codes gives
     # The first measure, with no codes to compare, is not worth compiling a graph for.
@@ -192,6 +194,12 @@ def _codes_and_counts(tracked: list[_Tracked], rescaled: bool) -> tuple[list[tor
 def _code_scale(t: _Tracked) -> torch.Tensor | None:
     """The scale to compare at: the previous codes' own, or the current one when there are none."""
     return t.scale if t.codes is None else t.code_scale
+
+
+def _flat_scale(scale, weight: torch.Tensor) -> torch.Tensor:
+    """The scale as the flat weight's: 0-d as it is, a per-row or per-element one spread over every element."""
+    scale = _scale_tensor(scale, weight)
+    return scale if scale.dim() == 0 else scale.expand(weight.shape).reshape(-1)
 
 
 def _flat(x: torch.Tensor | None) -> torch.Tensor | None:

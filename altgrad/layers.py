@@ -12,6 +12,12 @@ is bitwise ``nn.Linear`` and differs from the 8-bit runs only in the format.
 Each quantization point ("weight", "input", "grad") counts overflow, underflow and NaN on the device
 during training; :meth:`QuantLinear.pop_stats` reads them with one host sync.
 
+Under row or block scaling (``ScalingConfig.granularity``) every GEMM operand is rounded along that GEMM's
+reduction dim (:class:`_BlockScaledLinear`): the input and weight twice (row-wise for the forward,
+column-wise for the backward, as Transformer Engine's MXFP8 recipe does), the output gradient twice in the
+backward. The weight's row-wise block scales, the ones its forward value uses, are the layer's
+``weight_scale``: one per element, so that optimizers and flip tracking read each weight's own grid.
+
 A layer can switch to *protected mode* (:meth:`QuantLinear.protect`, driven by
 :mod:`altgrad.protection`): its forward weight becomes a frozen base plus a trained low-rank product,
 ``W_p + B @ A``, rounded to the layer's format as the plain weight is.
@@ -19,6 +25,7 @@ A layer can switch to *protected mode* (:meth:`QuantLinear.protect`, driven by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
@@ -114,14 +121,20 @@ class QuantLinear(nn.Linear):
         self.config = config
         self.stats_enabled = True
         self.scalers = nn.ModuleDict({
-            point: Scaler(fmt, _UNSCALED if fmt.exp_bits >= 8 else config.scaling)
+            point: Scaler(fmt, _point_scaling(fmt, config.scaling))
             for point in POINTS if (fmt := config.format_of(point)) is not None
         }).to(self.weight.device)
         # Per point: overflow, underflow and NaN counts, last amax, last scale (see Scaler.quantize's
-        # ``counts``). One buffer each, not checkpointed.
+        # ``counts``), and under row/block scaling the extreme block scales (Scaler.quantize_blocks's
+        # ``extremes``). Not checkpointed.
         for point in POINTS:
             self.register_buffer(f"_stats_{point}", torch.zeros(5, dtype=torch.float64, device=self.weight.device),
                                  persistent=False)
+            self.register_buffer(f"_extremes_{point}", torch.zeros(2, dtype=torch.float64,
+                                                                   device=self.weight.device), persistent=False)
+        self.blocked = any(self._blocked(point) for point in self.scalers)
+        if self._blocked("weight"):  # each weight's row-wise block scale, as the last training forward set it
+            self.register_buffer("weight_scales", torch.ones_like(self.weight, dtype=torch.float32))
         self._numel = dict.fromkeys(POINTS, 0)
         # Protected mode (see protect()): the frozen base W_p and the trained factors B, A; None when the
         # whole weight trains. The base and factors are module state, so state_dict carries the mode.
@@ -150,9 +163,23 @@ class QuantLinear(nn.Linear):
 
     @property
     def weight_scale(self) -> torch.Tensor:
-        """The weight Scaler's live 0-d scale buffer: under delayed scaling, the scale the next forward
-        uses. (With the "current" and "none" recipes it stays 1; ``quantized_weight`` is right for all.)"""
-        return self.scalers["weight"].scale
+        """The live weight scale: per tensor, the weight Scaler's 0-d buffer (under delayed scaling the
+        scale the next forward uses; under "current" the last forward's; under "none" 1). Under row/block
+        scaling, ``weight_scales``: every element's block scale (x's shape, multiplying as a per-tensor
+        scale does) from the last training forward."""
+        return self.weight_scales if self._blocked("weight") else self.scalers["weight"].scale
+
+    @torch.no_grad()
+    def block_weight_scale(self, weight: torch.Tensor) -> torch.Tensor:
+        """Every element's scale as the forward would set it for ``weight`` (row/block scaling), changing
+        nothing: where GridOptim re-snaps a weight whose block's amax moved binade."""
+        scale = torch.empty_like(weight, dtype=self.weight_scales.dtype)
+        self.scalers["weight"].quantize_blocks(weight, 1, scale_out=scale, saturate=self.config.saturate)
+        return scale
+
+    def _blocked(self, point: str) -> bool:
+        """Whether ``point`` has row/block scales (else one per tensor, or none)."""
+        return point in self.scalers and not self.scalers[point].config.per_tensor
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:
@@ -230,6 +257,8 @@ class QuantLinear(nn.Linear):
         weight = self.effective_weight()
         if weight is not self.weight and weight.requires_grad:
             weight.register_hook(self._keep_effective_grad)  # dL/dW, for the protection check's alignment
+        if self.blocked:
+            return _BlockScaledLinear.apply(x, weight, self.bias, self)
         x_q, weight_q = self._quantize("input", x), self._quantize("weight", weight)
         if "grad" not in self.scalers or not torch.is_grad_enabled():
             return F.linear(x_q, weight_q, self.bias)
@@ -249,8 +278,35 @@ class QuantLinear(nn.Linear):
             self._numel[point] += x.numel()
         return q
 
-    def _quantize_frozen(self, point: str, x: torch.Tensor) -> torch.Tensor:
+    def _operands(self, point: str, x: torch.Tensor, reduction_dims: tuple[int, ...]) -> list[torch.Tensor]:
+        """``x`` (2-D) rounded at ``point`` for each GEMM that reduces it along one of ``reduction_dims``:
+        a copy per dim under row/block scaling, one rounding shared by all per tensor (unrounded when the
+        point is off)."""
+        if point not in self.scalers or not reduction_dims:
+            return [x] * len(reduction_dims)
+        if not self._blocked(point):
+            return [self._quantize(point, x)] * len(reduction_dims)
+        return [self._quantize_blocks(point, x, dim) for dim in reduction_dims]
+
+    def _quantize_blocks(self, point: str, x: torch.Tensor, reduction_dim: int) -> torch.Tensor:
+        """Round a GEMM operand with block scales along ``reduction_dim``: in training counting, and for the
+        weight's row-wise copy setting ``weight_scales``; in eval changing nothing."""
+        if not self.training:
+            return self._quantize_frozen(point, x, reduction_dim)
+        counting = self.stats_enabled
+        keep_scale = point == "weight" and reduction_dim == 1
+        q = self.scalers[point].quantize_blocks(
+            x, reduction_dim, counts=self._point_stats(point) if counting else None,
+            extremes=getattr(self, f"_extremes_{point}"), scale_out=self.weight_scales if keep_scale else None,
+            saturate=self.config.saturate, rounding=self.config.rounding)
+        if counting:
+            self._numel[point] += x.numel()
+        return q
+
+    def _quantize_frozen(self, point: str, x: torch.Tensor, reduction_dim: int = 1) -> torch.Tensor:
         scaler, kwargs = self.scalers[point], {"saturate": self.config.saturate, "rounding": self.config.rounding}
+        if self._blocked(point):
+            return scaler.quantize_blocks(x, reduction_dim, **kwargs)
         if scaler.fmt.name == "fp32":
             return quantize(x, scaler.fmt, **kwargs)
         # With stats (left unused): the kernel training already built, so that a first evaluation or
@@ -261,21 +317,27 @@ class QuantLinear(nn.Linear):
         return getattr(self, f"_stats_{point}")
 
     def pop_stats(self) -> dict[str, dict[str, float]]:
-        """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale, numel}}`` over the training calls
-        since the last pop, for every point in POINTS; NaN where nothing was counted. Then resets."""
+        """``{point: {overflow_frac, underflow_frac, nan_count, amax, scale, scale_spread, numel}}`` over the
+        training calls since the last pop, for every point in POINTS; NaN where nothing was counted. Then
+        resets. Under row/block scaling ``scale`` is the last call's smallest block scale (that of the block
+        holding the amax) and ``scale_spread`` the binades between the smallest and largest block scale
+        over the calls (a point's row-wise and column-wise copies alike); per tensor it is NaN."""
         buffers = [self._point_stats(point) for point in POINTS]
-        rows = torch.stack(buffers).tolist()  # the one host sync
-        torch._foreach_zero_(buffers)
+        extremes = [getattr(self, f"_extremes_{point}") for point in POINTS]
+        rows = torch.cat([torch.stack(buffers), torch.stack(extremes)], dim=1).tolist()  # the one host sync
+        torch._foreach_zero_(buffers + extremes)
         stats = {}
-        for point, (overflow, underflow, nans, amax, scale) in zip(POINTS, rows):
+        for point, (overflow, underflow, nans, amax, scale, inverse_smallest, largest) in zip(POINTS, rows):
             n = self._numel[point]
             counted = n > 0
+            spread = math.log2(inverse_smallest * largest) if counted and inverse_smallest and largest else math.nan
             stats[point] = {
                 "overflow_frac": overflow / n if counted else math.nan,
                 "underflow_frac": underflow / n if counted else math.nan,
                 "nan_count": nans if counted else math.nan,
                 "amax": amax if counted else math.nan,
                 "scale": scale if counted else math.nan,
+                "scale_spread": spread,
                 "numel": n,
             }
         self._numel = dict.fromkeys(POINTS, 0)
@@ -286,6 +348,52 @@ class QuantLinear(nn.Linear):
         protected = f", protected_rank={self.protected_rank}" if self.protected_rank else ""
         return (f"{super().extra_repr()}, weight={self.config.weight.name}, "
                 f"input={self.config.activation.name}, grad={grad}{protected}")
+
+
+def _point_scaling(fmt: FPFormat, scaling: ScalingConfig) -> ScalingConfig:
+    """A point's scaling: none for fp32/bf16 (plain casts), per tensor for fp16 (block scaling needs an
+    8-bit grid), else the layer's."""
+    if fmt.exp_bits >= 8:
+        return _UNSCALED
+    return dataclasses.replace(scaling, granularity="tensor") if fmt.is_native else scaling
+
+
+class _BlockScaledLinear(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` with every GEMM operand rounded along that GEMM's reduction dim
+    (row/block scaling, :meth:`QuantLinear._operands`):
+
+    * y = x W^T reduces over in_features: x and W blocked along their rows (dim 1);
+    * dX = dY W reduces over out_features: dY along its rows, W down its columns (dim 0);
+    * dW = dY^T x reduces over the tokens: dY and x down their columns (x flattened to (tokens, in)).
+
+    The column-wise copies of x and W come from the full-precision tensors in the forward (as Transformer
+    Engine takes them) and are saved for the backward, only when the gradient they feed is needed. The bias
+    gets the unrounded output gradient's sum: only GEMM operands are 8-bit."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        rows = x.reshape(-1, x.shape[-1])
+        x_forward, *x_backward = layer._operands("input", rows, (1, 0) if need_dw else (1,))
+        w_forward, *w_backward = layer._operands("weight", weight, (1, 0) if need_dx else (1,))
+        y = F.linear(x_forward, w_forward, bias)
+        ctx.layer, ctx.x_shape, ctx.bias_shape = layer, x.shape, None if bias is None else bias.shape
+        ctx.save_for_backward(*x_backward, *w_backward)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        saved = list(ctx.saved_tensors)
+        x_backward = saved.pop(0) if need_dw else None
+        w_backward = saved.pop(0) if need_dx else None
+        rows = grad.reshape(-1, grad.shape[-1])
+        dims = (1,) * need_dx + (0,) * need_dw
+        copies = dict(zip(dims, ctx.layer._operands("grad", rows, dims)))
+        grad_x = (copies[1] @ w_backward).view(ctx.x_shape) if need_dx else None
+        grad_w = copies[0].t() @ x_backward if need_dw else None
+        grad_b = grad.sum_to_size(ctx.bias_shape) if need_db else None
+        return grad_x, grad_w, grad_b, None
 
 
 def _policy_patterns(fmt: FPFormat, layers) -> dict[str, str | FPFormat]:

@@ -30,6 +30,10 @@ uniform, it is L1-like (a fixed amount per step).
 
 Groups without an 8-bit format (embeddings, norms, or an fp32/bf16/fp16 "format") take a plain AdamW step
 with ``lr`` in parameter units, bit for bit the same as ``torch.optim.AdamW``.
+
+A group's ``scale`` is anything that broadcasts against its weight: a 0-d per-tensor scale, or under row
+or block scaling every element's own block scale (``QuantLinear.weight_scale``), so that each weight's
+rung is the spacing of its own block's grid.
 """
 
 from __future__ import annotations
@@ -44,9 +48,9 @@ from altgrad.scaling import ScalingConfig
 
 OPTIMIZERS = ("adamw", "manifold_adamw", "grid")
 
-# Group keys that point at the model (its format and live scale buffer): left out of checkpoints, and
-# kept from the live optimizer on load, so a resumed run keeps reading the model's own scale buffer.
-_LIVE_KEYS = ("fmt", "scale")
+# Group keys that point at the model (its format, live scale buffer and block-scale rule): left out of
+# checkpoints, and kept from the live optimizer on load, so a resumed run keeps reading the model's own.
+_LIVE_KEYS = ("fmt", "scale", "scale_of")
 
 
 def _grid_format(fmt) -> FPFormat | None:
@@ -120,7 +124,8 @@ def _rung_move(u: torch.Tensor, rungs: torch.Tensor, fmt: FPFormat) -> torch.Ten
 
 
 def _scale_of(group: dict, p: torch.Tensor) -> torch.Tensor:
-    """The group's scale (1 when None) as a 0-d tensor in p's dtype, on p's device."""
+    """The group's scale (1 when None) as a tensor in p's dtype, on p's device: 0-d, or broadcasting
+    against p (one scale per element, row or block)."""
     return torch.as_tensor(1.0 if group["scale"] is None else group["scale"], dtype=p.dtype, device=p.device)
 
 
@@ -184,7 +189,7 @@ class _AdamBase(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        live = [{k: g[k] for k in _LIVE_KEYS} for g in self.param_groups]
+        live = [{k: g[k] for k in _LIVE_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, keys in zip(self.param_groups, live):
             group.update(keys)
@@ -197,7 +202,8 @@ class ManifoldAdamW(_AdamBase):
     ``w * scale`` in the direction of motion (divided by ``scale``): a weight on a power of two steps
     down by the lower binade's spacing, so one rung up and one rung down are one grid point each way,
     and zero-mean noise does not drift the weights toward zero. ``scale`` may be the quantized layer's
-    scale buffer (a 0-d tensor); it is read afresh at every step. Groups with ``fmt=None`` are plain AdamW.
+    scale buffer (0-d, or one scale per element under row/block scaling: each weight's rung is then its
+    own block's); it is read afresh at every step. Groups with ``fmt=None`` are plain AdamW.
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
@@ -248,14 +254,24 @@ class GridOptim(_AdamBase):
 
     ``step()`` returns ``(flips, updates)``: weights whose forward value changed (a move, or a
     re-snap when the grid widened) and weights with a non-zero gradient, over the groups with a format.
+
+    Under row or block scaling the forward sets each block's scale from the block's own amax, so the
+    grid moves by itself: a group (one weight) then carries ``scale_of``, the layer's rule for the
+    per-element scales of a weight (``QuantLinear.block_weight_scale``), and ``scale``, one per element.
+    Each weight moves on its own block's continued grid; then every landing point is re-snapped onto the
+    grid of the scale its block will get (stochastically, with the step's draw; a whole-grid point stays
+    put unless the scale coarsened under it), clamped to ±max (under floor e8m0 scales a block's top binade
+    reaches past max, and the forward saturates there), and ``scale`` gets the new scales. With e8m0
+    (power-of-two) scales the next forward then quantizes every master weight to itself: the block's
+    amax stays in the binade that set its scale (floor), or a finer scale's grid holds every point (ceil).
     """
 
     def __init__(self, params, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 rung_clip: int = 4, fmt=None, scale=None, seed: int = 0):
+                 rung_clip: int = 4, fmt=None, scale=None, seed: int = 0, scale_of=None):
         if rung_clip < 1:
             raise ValueError(f"GridOptim: rung_clip={rung_clip!r} must be >= 1")
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                      rung_clip=rung_clip, fmt=fmt, scale=scale))
+                                      rung_clip=rung_clip, fmt=fmt, scale=scale, scale_of=scale_of))
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
 
@@ -293,6 +309,8 @@ class GridOptim(_AdamBase):
             if not widen:
                 target.clamp_(-top, top)
             moved.append((p, scale, current, _value(target, fmt), noise))
+        if group.get("scale_of") is not None:
+            return self._resnap_to_block_scales(group, fmt, moved)
         # The halvings that bring the group's largest landing point back under max (0 if none passed it).
         amax = torch.stack([v.abs().amax().to(params[0].device) for _, _, _, v, _ in moved]).max()
         halvings = torch.where(amax > fmt.max_value, torch.ceil(torch.log2(amax / fmt.max_value)), 0).to(torch.int32)
@@ -307,6 +325,21 @@ class GridOptim(_AdamBase):
             counts.append(torch.stack([(p != before).sum(), torch.count_nonzero(p.grad)]))
         if widen:
             group["scale"].mul_(_pow2(-halvings.to(group["scale"].device), group["scale"]))
+        return torch.stack(counts).sum(0)
+
+    @staticmethod
+    def _resnap_to_block_scales(group: dict, fmt: FPFormat, moved: list) -> torch.Tensor:
+        """Row/block scales: land each moved weight on the grid its block's next scale gives (see the class
+        docstring), write those scales into ``group["scale"]``; return ``[flips, updates]``."""
+        counts = []
+        for p, scale, current, value, noise in moved:
+            landing = value / scale  # exact: power-of-two scales
+            new_scale = group["scale_of"](landing)
+            snapped = _value(_stochastic_round(_coordinate(landing * new_scale, fmt), noise), fmt)
+            before = current / scale
+            p.copy_(snapped.clamp_(-fmt.max_value, fmt.max_value) / new_scale)
+            group["scale"].copy_(group["scale_of"](p))  # the snap may have moved a block's amax down a binade
+            counts.append(torch.stack([(p != before).sum(), torch.count_nonzero(p.grad)]))
         return torch.stack(counts).sum(0)
 
     def state_dict(self) -> dict:
@@ -324,8 +357,11 @@ class GridOptim(_AdamBase):
 
 
 def grid_weight_scaling(config: ScalingConfig) -> ScalingConfig:
-    """The weight-point recipe GridOptim agrees with exactly: ``config``'s delayed scaling (its history
-    length and amax rule), scales rounded down to powers of two, no margin (see :class:`GridOptim`)."""
+    """The weight-point recipe GridOptim agrees with exactly: per tensor, ``config``'s delayed scaling (its
+    history length and amax rule), scales rounded down to powers of two, no margin; row/block scaling as
+    it is (e8m0 block scales are powers of two already; see :class:`GridOptim`)."""
+    if not config.per_tensor:
+        return config
     return dataclasses.replace(config, recipe="delayed", power_of_two=True, margin=0)
 
 
@@ -334,7 +370,9 @@ def build_optimizer(name: str, groups: list[dict], *, lr: float, ulp_lr: float, 
     """The optimizer ``name`` (one of OPTIMIZERS) over ``groups``, public and stable for research scripts.
 
     ``groups``: dicts ``{"params": [...], "fmt": FPFormat | None, "scale": Tensor | None}``, ``scale``
-    being the quantized layer's weight-scale buffer (``QuantLinear.weight_scale``). Groups with an 8-bit
+    being the quantized layer's weight-scale buffer (``QuantLinear.weight_scale``: 0-d, or one per element
+    under row/block scaling, where "grid" also needs ``"scale_of": layer.block_weight_scale``, one weight
+    per group). Groups with an 8-bit
     ``fmt`` step ``ulp_lr`` rungs ("manifold_adamw", "grid"); the rest (``fmt`` None, fp32, bf16, fp16)
     use ``lr`` in parameter units. "adamw" ignores the formats: torch.optim.AdamW over every group.
     "grid" writes a widened grid's scale into ``scale`` in place; give its layers delayed weight scaling

@@ -48,6 +48,8 @@ SCHEMAS = {
         ("overflow_frac_weight", _F64), ("overflow_frac_input", _F64), ("overflow_frac_grad", _F64),
         ("underflow_frac_weight", _F64), ("underflow_frac_input", _F64), ("underflow_frac_grad", _F64),
         ("nan_count", _F64), ("rank_warnings", _I64), ("recoded", _F64),
+        ("amax_weight", _F64), ("amax_input", _F64), ("amax_grad", _F64),
+        ("scale_spread_weight", _F64), ("scale_spread_input", _F64), ("scale_spread_grad", _F64),
     ]),
     "layers": pa.schema([
         ("trial_id", _STR), ("format", _STR), ("optimizer", _STR), ("step", _I64), ("layer", _STR),

@@ -1,6 +1,6 @@
-"""Per-tensor scaling: map a tensor's range onto a format's range before rounding.
+"""Scaling: map a tensor's range onto a format's range before rounding, per tensor, row or block.
 
-Three recipes, as in Transformer Engine:
+Per tensor (``granularity: tensor``, the default), three recipes, as in Transformer Engine:
 
 * ``current``: the scale comes from this tensor's own amax (exact range, one extra read of the tensor);
 * ``delayed``: the scale comes from the amax history of earlier calls (TE's default for training);
@@ -11,6 +11,15 @@ The scale is ``fmt.max_value / amax / 2**margin`` rounded once to float32 (as to
 optionally rounded down to a power of two (so that scaling itself is exact). A zero or non-finite amax
 leaves the scale unchanged, as in TE.
 Everything stays on the tensor's device: no host synchronisation in the training step.
+
+Per row or block (``granularity: row | block``), each GEMM operand gets one scale per block along that
+GEMM's reduction dim, from the operand itself (:func:`~altgrad.blockwise.quantize_blockwise`): an amax
+history is one number per tensor, so the recipe's ``delayed`` is read as current here (and ``none``,
+``margin`` and ``power_of_two``, which belong to per-tensor scales, are rejected). An operand is laid
+out as (other dim, reduction dim); ``block`` = (rows, cols) there, so (1, 32) is OCP MX along the
+reduction and ``row`` is one block spanning the whole reduction dim. A tensor used by two GEMMs (a
+layer's input in the forward and in the weight gradient) is quantized along each, as Transformer
+Engine's MXFP8 recipe keeps row-wise and column-wise copies (see :func:`gemm_block`).
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ from dataclasses import dataclass
 
 import torch
 
-from altgrad.blockwise import quantize_blockwise  # noqa: F401  (block scaling, re-exported here)
+from altgrad.blockwise import (SCALE_FORMATS, SCALE_ROUNDINGS, _tile, per_element_scale, quantize_blockwise,
+                               quantize_blockwise_with_stats)
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _max_value, _quantize, quantize, quantize_with_stats
 
 RECIPES = ("delayed", "current", "none")
 AMAX_ALGOS = ("max", "most_recent")
+GRANULARITIES = ("tensor", "row", "block")
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,10 @@ class ScalingConfig:
     amax_compute: str = "max"  # over the history: "max" or "most_recent"
     margin: int = 0  # extra power-of-two headroom: scale / 2**margin
     power_of_two: bool = False
+    granularity: str = "tensor"  # tensor | row | block: one scale per tensor, per row, per block
+    block: tuple = (1, 32)  # granularity block: (rows, cols) of an operand laid out (other dim, reduction dim)
+    scale_format: str = "e8m0"  # row/block scales: e8m0 (powers of two) or fp32
+    scale_rounding: str = "floor"  # e8m0 scales: floor (OCP MX) or ceil (TE MXFP8, nothing overflows)
 
     def __post_init__(self):
         if self.recipe not in RECIPES:
@@ -44,6 +59,35 @@ class ScalingConfig:
             raise ValueError(f"amax_compute {self.amax_compute!r} is not one of {', '.join(AMAX_ALGOS)}")
         if self.history_len < 1:
             raise ValueError(f"history_len must be at least 1, got {self.history_len}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        object.__setattr__(self, "block", _tile(self.block, 2))  # checked; (32,) is (1, 32)
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format={self.scale_format!r} is not one of {', '.join(SCALE_FORMATS)}")
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"scale_rounding={self.scale_rounding!r} is not one of {', '.join(SCALE_ROUNDINGS)}")
+        if self.granularity != "tensor":
+            per_tensor = {"recipe": self.recipe == "none", "margin": self.margin != 0, "power_of_two": self.power_of_two}
+            for key, set_ in per_tensor.items():
+                if set_:
+                    raise ValueError(f"{key}={getattr(self, key)!r} does not go with granularity={self.granularity}: "
+                                     f"row and block scales come from each block's own amax (scale_format e8m0 "
+                                     f"makes them powers of two)")
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.granularity == "tensor"
+
+
+def gemm_block(config: ScalingConfig, shape, reduction_dim: int) -> tuple[int, int]:
+    """The block over a 2-D GEMM operand of ``shape`` whose reduction runs along ``reduction_dim`` (1:
+    along its rows, as x and W in y = x W^T; 0: down its columns, as W in dX = dY W and x, dY in
+    dW = dY^T x). ``config.block`` (or, for ``row``, the whole reduction dim) is given for the layout
+    (other dim, reduction dim), so along dim 0 it is transposed: the column-wise copy's blocks, taken
+    without transposing the tensor."""
+    along = max(1, shape[reduction_dim]) if config.granularity == "row" else config.block[1]
+    across = 1 if config.granularity == "row" else config.block[0]
+    return (across, along) if reduction_dim == 1 else (along, across)
 
 
 def scale_from_amax(amax: torch.Tensor, fmt: FPFormat | str, *, margin: int = 0, power_of_two: bool = False,
@@ -84,8 +128,18 @@ def _add_counts(counts, stats, scale):
     counts.copy_(torch.cat([counts[:3] + stats[1:], stats[:1], scale.reshape(1)]))
 
 
+def _record_blocks(stats, block_scales, counts, extremes, scale_out, block) -> None:
+    """A block-scaled pass's bookkeeping (see :meth:`Scaler.quantize_blocks`), in place, inside the pass."""
+    if counts is not None:
+        counts.copy_(torch.cat([counts[:3] + stats[1:4], stats[:1], stats[4:5]]))
+        extremes.copy_(torch.maximum(extremes, stats[5:7]))
+    if scale_out is not None:
+        scale_out.copy_(per_element_scale(block_scales, block, scale_out.shape))
+
+
 class Scaler(torch.nn.Module):
-    """The scale of one quantization point (a weight, an activation or a gradient).
+    """The scale of one quantization point (a weight, an activation or a gradient): per tensor with
+    :meth:`quantize`, per row or block with :meth:`quantize_blocks` (which keeps no state).
 
     Its amax history is a buffer, so it is saved and restored with the model's ``state_dict``.
     """
@@ -141,6 +195,23 @@ class Scaler(torch.nn.Module):
                     _add_counts(counts, stats, stats.new_ones(()) if scale is None else scale)
         self.last_scale, self.last_stats = scale, stats
         return quantized
+
+    def quantize_blocks(self, x: torch.Tensor, reduction_dim: int, *, counts: torch.Tensor | None = None,
+                        extremes: torch.Tensor | None = None, scale_out: torch.Tensor | None = None,
+                        **kwargs) -> torch.Tensor:
+        """``x`` (a 2-D GEMM operand) quantized with one scale per block along ``reduction_dim`` (see
+        :func:`gemm_block`), each from its own amax: row/block granularity. In the same pass, when given,
+        ``counts`` (as in :meth:`quantize`, its scale slot the smallest block scale: that of the block
+        holding x's amax) accumulate, ``extremes`` (float64 ``[1 / smallest, largest]`` block scale) keep
+        their running maxima, and ``scale_out`` (x's shape) receives every element's scale."""
+        config = self.config
+        block = gemm_block(config, x.shape, reduction_dim)
+        common = {"block": block, "scale_format": config.scale_format, "scale_rounding": config.scale_rounding,
+                  **kwargs}
+        if counts is None and scale_out is None:
+            return quantize_blockwise(x, self.fmt, **common)
+        return quantize_blockwise_with_stats(x, self.fmt, **common, epilogue=_record_blocks,
+                                             epilogue_args=(counts, extremes, scale_out, block))[0]
 
     def _has_history(self) -> bool:
         """Whether an amax was recorded: read from the buffer once (a host sync), then remembered."""

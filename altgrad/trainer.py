@@ -117,7 +117,8 @@ class Trainer:
         groups, seen = [], set()
         for layer in self.layers.values():
             if not layer.weight_format.is_native and id(layer.weight) not in seen:
-                groups.append({"params": [layer.weight], "fmt": layer.weight_format, "scale": layer.weight_scale})
+                groups.append({"params": [layer.weight], "fmt": layer.weight_format, "scale": layer.weight_scale,
+                               "scale_of": layer.block_weight_scale if layer.blocked else None})
                 seen.add(id(layer.weight))
         rest = [p for p in self.model.parameters() if id(p) not in seen]
         return groups + [{"params": rest, "fmt": None, "scale": None}]

@@ -8,7 +8,9 @@ Ratios: "diagnostics cost" = defaults / diagnostics off (goal <= 1.05); "FP8 / f
 with diagnostics off / plain fp32 without quantization or diagnostics (goal <= 1.5 on the CPU);
 "protection checks cost" = defaults plus adaptive-SVD protection checks (every 50 steps, thresholds set so
 that no layer switches: the checks alone) / defaults (goal <= 1.10). "protected" is the same with a hair
-trigger: every watched layer trains as W_p + B·A, the mode's own cost (reported, no goal).
+trigger: every watched layer trains as W_p + B·A, the mode's own cost (reported, no goal). "MX scaling
+cost" = defaults with every point in OCP MX blocks (1 x 32 along each GEMM's reduction dim, E8M0 scales) /
+defaults per tensor (goal <= 1.3).
 Times are means over the measured steps, so the periodic rank checks are amortised as in a real run.
 """
 
@@ -26,15 +28,16 @@ OFF = {"flips_every": 0, "rank_every": 0, "stats": False}
 DEFAULTS = {"flips_every": 1, "rank_every": 50, "stats": True}
 CHECKS_ONLY = {"mode": "adaptive_svd", "principal_threshold": 1.0, "release_threshold": 1.0}
 PROTECTED = {"mode": "adaptive_svd", "principal_threshold": 0.0, "release_threshold": 0.0}
+MX = {"granularity": "block", "block": [1, 32], "scale_format": "e8m0", "scale_rounding": "floor"}
 
 
-def build(fmt: str, diagnostics: dict, args, protection: dict | None = None) -> Trainer:
+def build(fmt: str, diagnostics: dict, args, protection: dict | None = None, scaling: dict | None = None) -> Trainer:
     cell = parse_cell({
         "format": fmt, "optimizer": args.optimizer, "steps": 10**6, "batch_size": args.batch_size,
         "model": {"n_layer": args.n_layer, "n_head": args.n_embd // 64, "n_embd": args.n_embd,
                   "block_size": args.block_size},
         "diagnostics": diagnostics, "device": args.device, "seed": 0,
-        "protection": protection or {"mode": "off"},
+        "protection": protection or {"mode": "off"}, "scaling": scaling or {},
     })
     return Trainer(cell, trial_id=f"{fmt}", progress=False)
 
@@ -58,6 +61,7 @@ def main() -> None:
         f"{args.format}, diagnostics at defaults": build(args.format, DEFAULTS, args),
         f"{args.format}, defaults + protection checks": build(args.format, DEFAULTS, args, CHECKS_ONLY),
         f"{args.format}, defaults + protected": build(args.format, DEFAULTS, args, PROTECTED),
+        f"{args.format}, defaults, MX blocks 1x32": build(args.format, DEFAULTS, args, scaling=MX),
     }
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     totals = dict.fromkeys(variants, 0.0)
@@ -77,10 +81,11 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.steps} steps each")
     for name, seconds in means.items():
         print(f"  {name:<42} {seconds * 1e3:8.1f} ms/step {tokens / seconds:10.0f} tokens/s")
-    fp32, off, on, checks, protected = means.values()
+    fp32, off, on, checks, protected, mx = means.values()
     print(f"diagnostics cost (defaults / off):      {on / off:.3f}x  (goal <= 1.05)")
     print(f"protection checks cost (checks / defaults): {checks / on:.3f}x  (goal <= 1.10)")
     print(f"protected mode (protected / defaults):  {protected / on:.3f}x")
+    print(f"MX scaling cost (MX / per tensor):      {mx / on:.3f}x  (goal <= 1.3)")
     print(f"simulated {args.format} / fp32 (diagnostics off): {off / fp32:.3f}x  (goal <= 1.5)")
 
 
