@@ -71,7 +71,7 @@ class CellConfig:
     grad_clip: float = 1.0  # global grad-norm clip; 0 turns it off
     eval_iters: int = 8  # val batches per evaluation
     grad_format: str | None = "E5M2"  # output-gradient format of 8-bit layers; null = not quantized
-    scaling: ScalingConfig = field(default_factory=ScalingConfig)  # per-tensor scaling of every point
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)  # every point's scaling: per tensor, row or block
     rank_trend: RankTrendConfig = field(default_factory=RankTrendConfig)  # rank-collapse warnings
     failure: FailureRules = field(default_factory=FailureRules)  # what counts as a failed run, fixed beforehand
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)  # adaptive low-rank protection
@@ -107,6 +107,8 @@ def _coerce(source: str, key: str, value, default):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(source, key, f"{value!r} is not a number")
         return float(value)
+    if isinstance(default, tuple) and all(isinstance(v, int) for v in default):
+        return value  # a block shape: its section checks it (ScalingConfig names the key and value)
     if isinstance(default, tuple):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
             raise ConfigError(source, key, f"{value!r} is not a list of strings")
@@ -186,12 +188,19 @@ def _check(cell: CellConfig, source: str) -> None:
         raise ConfigError(source, "model.dropout", f"{cell.model.dropout!r} must lie in [0, 1)")
     for key in ("flips_every", "rank_every"):
         non_negative(f"diagnostics.{key}", getattr(cell.diagnostics, key))
+    if cell.optimizer == "grid" and not cell.scaling.per_tensor and cell.scaling.scale_format != "e8m0":
+        raise ConfigError(source, "scaling.scale_format", f"{cell.scaling.scale_format!r} with optimizer grid: its "
+                                                          f"weights stay on the forward grid only under power-of-two "
+                                                          f"(e8m0) block scales")
     try:
         cell.protection.check_optimizer(cell.optimizer)
     except ValueError as error:
         raise ConfigError(source, "protection.mode", str(error)) from None
     if cell.protection.mode != "off":
         _check_protected_layers(cell, source)
+        if cell.protection.trigger == "rank_warning" and not cell.diagnostics.rank_every:
+            raise ConfigError(source, "protection.trigger", "rank_warning switches at rank checks, and "
+                                                            "diagnostics.rank_every is 0 (no rank checks)")
     if cell.device != "auto" and not (cell.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cell.device)):
         raise ConfigError(source, "device", f"{cell.device!r} is not auto, cpu, cuda or cuda:N")
 

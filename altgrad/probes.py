@@ -29,6 +29,13 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return numerator / denominator if denominator else None
 
 
+def _largest(values: list[float]) -> float | None:
+    """The largest of measured values, NaN if any is (a non-finite tensor); None when there are none."""
+    if not values:
+        return None
+    return math.nan if any(math.isnan(v) for v in values) else max(values)
+
+
 class Probe:
     """One signal. The trainer calls, for each training step ``step`` (1-based, the step being taken):
 
@@ -127,7 +134,9 @@ class FlipProbe(Probe):
 
 class QuantStatsProbe(Probe):
     """Overflow and underflow fractions of every quantization point, every step (counted on the device
-    inside the quantizing pass; one host sync per layer to read them), summed per layer between checks."""
+    inside the quantizing pass; one host sync per layer to read them), summed per layer between checks;
+    per point also the largest amax over the layers and, under row/block scaling, the widest spread of
+    block scales (binades between a tensor's smallest and largest block scale)."""
 
     def __init__(self, trainer):
         super().__init__(trainer)
@@ -138,6 +147,7 @@ class QuantStatsProbe(Probe):
         if not self.enabled:
             return {}
         totals = {point: [0.0, 0.0, 0.0] for point in POINTS}  # overflow, underflow, numel
+        amaxes, spreads = ({point: [] for point in POINTS} for _ in range(2))
         nans = 0.0
         for name, layer in self.trainer.layers.items():
             for point, s in layer.pop_stats().items():
@@ -146,11 +156,16 @@ class QuantStatsProbe(Probe):
                     totals[point] = [totals[point][0] + over, totals[point][1] + under, totals[point][2] + s["numel"]]
                     self.interval.add(name, over=over, under=under, numel=s["numel"])
                     nans += s["nan_count"]
+                    amaxes[point].append(s["amax"])
+                    if not math.isnan(s["scale_spread"]):  # NaN: per tensor, or no block with a finite amax
+                        spreads[point].append(s["scale_spread"])
         over, under, numel = (sum(t[i] for t in totals.values()) for i in range(3))
         columns = {"overflow_frac": _ratio(over, numel), "underflow_frac": _ratio(under, numel), "nan_count": nans}
         for point, (o, u, n) in totals.items():
             columns[f"overflow_frac_{point}"] = _ratio(o, n)
             columns[f"underflow_frac_{point}"] = _ratio(u, n)
+            columns[f"amax_{point}"] = _largest(amaxes[point])
+            columns[f"scale_spread_{point}"] = _largest(spreads[point])
         return columns
 
     def layer_columns(self, name: str, layer) -> dict:
@@ -200,7 +215,7 @@ class SpectrumProbe(Probe):
         self.warnings += int(warning and critical)
         return {**metrics, **{self.MASTER[key]: master[key] for key in self.MASTER}, "rank_warning": warning,
                 "critical": critical, "layer_format": layer.weight_format.name,
-                "weight_scale": float(layer.weight_scale)}
+                "weight_scale": float(layer.weight_scale.min())}
 
     def check_columns(self, step: int) -> dict:
         warnings, self.warnings = self.warnings, 0

@@ -22,6 +22,11 @@ switching threshold, so that a layer near it does not flap), merging ``W := W_p 
 forward saw it; otherwise it starts a new cycle: merge, decompose, split again, so that W_p follows the
 current weight instead of being frozen once (as in MiLoRA).
 
+With ``trigger: rank_warning`` the switch on is the rank-collapse detector's instead (a sweep's
+``early_stopping.rank_collapse: {action: protect}`` sets it): at a rank check, a watched unprotected layer
+for which the detector (:class:`~altgrad.probes.SpectrumProbe`'s) warns switches at once; releases and
+cycles stay the alignment's, at the checks every ``every`` steps.
+
 The factors train under the controller's own AdamW, with the hyperparameters and scheduled lr of the
 trainer's plain (non-quantized) parameter group, read at every step. Keeping them out of the trainer's
 optimizer leaves its groups and checkpoint layout fixed whatever switches, leaves ManifoldAdamW's
@@ -42,8 +47,10 @@ from typing import NamedTuple
 import torch
 
 from altgrad.diagnostics import _finite_matrix, _gradient_shares, _gram, _noise_floor, _python_values, _singular_values
+from altgrad.probes import SpectrumProbe
 
 MODES = ("off", "adaptive_svd")
+TRIGGERS = ("alignment", "rank_warning")
 LAYER_KEYS = ("protected_rank", "principal_alignment", "minor_alignment", "spectral_concentration",
               "reconstruction_error")
 
@@ -59,10 +66,13 @@ class ProtectionConfig:
     principal_threshold: float = 0.4  # protect when the principal alignment exceeds this
     release_threshold: float = 0.2  # release a protected layer when it falls below this (<= the above)
     min_rank: int = 1  # the trained factor's rank never goes below this
+    trigger: str = "alignment"  # alignment (above principal_threshold) | rank_warning (the rank detector warns)
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
+        if self.trigger not in TRIGGERS:
+            raise ValueError(f"trigger={self.trigger!r} is not one of {', '.join(TRIGGERS)}")
         if isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers) or not self.layers:
             raise ValueError(f"layers={self.layers!r} must be a non-empty list of name patterns")
         object.__setattr__(self, "layers", tuple(self.layers))
@@ -220,31 +230,56 @@ class ProtectionController:
         for name in self.groups:
             self.layers[name].refresh_weight()
 
+    def _check(self, name: str) -> tuple[dict, _Spectrum]:
+        """One layer's check: this step's gradient and the weight after the optimizer step."""
+        layer = self.layers[name]
+        grad = layer.effective_grad if layer.protected_rank else layer.weight.grad
+        return _measure(layer.quantized_weight(), grad, self.config.k, self.config.min_rank)
+
+    def _record(self, name: str, metrics: dict) -> None:
+        if self.columns_step != self.trainer.step:
+            self.columns, self.columns_step = {}, self.trainer.step
+        self.columns[name] = {"protected_rank": self.layers[name].protected_rank,
+                              **{key: metrics[key] for key in LAYER_KEYS[1:]}}
+
     @torch.no_grad()
     def step_columns(self, step: int) -> dict:
-        """A check every ``every`` steps, after the optimizer step (this step's gradient, the new weight)."""
+        """A check every ``every`` steps, after the optimizer step: release or cycle the protected layers,
+        and (trigger alignment) protect the ones the gradient clobbers."""
         if not self.layers or step % self.config.every:
             return {}
-        self.columns, self.columns_step = {}, step
+        switches_on = self.config.trigger == "alignment"
         for name, layer in self.layers.items():
-            grad = layer.effective_grad if layer.protected_rank else layer.weight.grad
-            metrics, spectrum = _measure(layer.quantized_weight(), grad, self.config.k, self.config.min_rank)
+            metrics, spectrum = self._check(name)
             principal = metrics["principal_alignment"]
             if principal is not None and math.isfinite(principal):  # unmeasured or diverged: keep the mode
                 if layer.protected_rank and principal < self.config.release_threshold:
                     self._release(name)
-                elif (layer.protected_rank or principal > self.config.principal_threshold) and metrics["minor_rank"]:
+                elif (layer.protected_rank or (switches_on and principal > self.config.principal_threshold)
+                      ) and metrics["minor_rank"]:
                     self._protect(name, minor_factors(spectrum, metrics["minor_rank"]))
-            self.columns[name] = {"protected_rank": layer.protected_rank,
-                                  **{key: metrics[key] for key in LAYER_KEYS[1:]}}
+            self._record(name, metrics)
         return {}
 
+    @torch.no_grad()
     def layer_columns(self, name: str, layer) -> dict:
+        """The layer's protection columns at a rank check; with trigger rank_warning, first the switch of
+        a watched layer the rank-collapse detector warns for now (the spectrum probe, called before this,
+        has fed it this check's rank)."""
         if self.config.mode == "off":
             return {}
+        if (self.config.trigger == "rank_warning" and name in self.layers and not layer.protected_rank
+                and self._spectrum().warned.get(name)):
+            metrics, spectrum = self._check(name)
+            if metrics["minor_rank"]:
+                self._protect(name, minor_factors(spectrum, metrics["minor_rank"]))
+            self._record(name, metrics)
         if name in self.columns and self.columns_step == self.trainer.step:
             return self.columns[name]
         return {"protected_rank": layer.protected_rank}
+
+    def _spectrum(self) -> SpectrumProbe:
+        return next(probe for probe in self.trainer.probes if isinstance(probe, SpectrumProbe))
 
     def check_columns(self, step: int) -> dict:
         return {}

@@ -15,6 +15,8 @@ from altgrad import results as tables
 from altgrad.analysis.compare import benefit_table, best_split, matched_comparison
 from altgrad.analysis.plots import (plot_benefit, plot_dynamics, plot_failure_order, plot_loss_curves, plot_ranks,
                                     plot_timeline, plot_warning_curves)
+from altgrad.analysis.protection import (MODE, has_protection, plot_protected_layer, protected_example,
+                                         protection_table)
 from altgrad.analysis.tables import (BASELINE, Results, _count, _ordered, cell_keys, format_optimizer_table,
                                      load_results, rank_trend, trial_config)
 from altgrad.analysis.warnings import failure_labels, failure_order, warning_quality
@@ -155,6 +157,30 @@ _CELL_GLOSSARY = (
 )
 
 
+def _protection_section(results: Results, image) -> list[str]:
+    """Protected cells against the same cells unprotected, same seeds; nothing without both."""
+    if not has_protection(results):
+        return []
+    table = protection_table(results)
+    shown = table.drop(columns=[f"n_{loss}" for loss in ("final_val_loss", "best_val_loss")])
+    for loss in ("final_val_loss", "best_val_loss"):
+        shown = _merge_interval(shown, f"{loss}_mean", f"{loss}_ci_low", f"{loss}_ci_high", f"{loss} [95% CI]")
+    shown = _merge_interval(shown, "final_val_loss_vs_off", "final_val_loss_vs_off_ci_low",
+                            "final_val_loss_vs_off_ci_high", "Δ final vs off [95% CI]")
+    totals = table.groupby(MODE, sort=False)[["n_failed", "n_seeds"]].sum()
+    overall = "; ".join(f"{mode}: {int(t.n_failed)} of {int(t.n_seeds)} trials failed" for mode, t in totals.iterrows())
+    parts = ["## Does protection help?", f"Each cell unprotected (`{MODE}: off`) and protected, over the same seeds ({overall}). "
+             f"*failure_rate*: share of seeds the trainer labelled failed; losses: mean and 95% t-interval over "
+             f"the seeds with a finite one (a failed run has none); *Δ final vs off*: protected minus "
+             f"unprotected, Welch's 95% interval (negative = protection helps).", _markdown(shown)]
+    example = protected_example(results)
+    if example:
+        trial_id, layer, baseline = example
+        parts.append(image("protected_layer.png", plot_protected_layer(results, trial_id, layer, baseline=baseline),
+                           f"protected layer {layer} of {trial_id} over training"))
+    return parts
+
+
 def write_report(path: str | os.PathLike | Results, out_dir: str | os.PathLike) -> Path:
     """Write ``out_dir/report.md`` and its PNG plots; returns the report's path."""
     results = path if isinstance(path, Results) else load_results(path)
@@ -173,6 +199,7 @@ def write_report(path: str | os.PathLike | Results, out_dir: str | os.PathLike) 
         f"## Where the ULP optimizers help (against {BASELINE})", *_benefit_section(results, image),
         "## What fails first", *_failure_section(results, image),
         "## How good the warnings are", *_warning_section(results, image),
+        *_protection_section(results, image),
         "## Formats × optimizers", _CELL_GLOSSARY, _markdown(_display_cells(format_optimizer_table(results))),
         "## Loss curves",
         *[image(f"loss_{_slug(fmt)}.png", fig, f"loss curves, {fmt}")

@@ -19,9 +19,12 @@ from altgrad.config import CellConfig, ConfigError, known_key, load_yaml, parse_
 from altgrad.sweep.scheduler import MODES
 
 SWEEP_KEYS = ("name", "trial", "matrix", "exclude", "early_stopping", "resources")
-EARLY_STOPPING_KEYS = {"rank_collapse": {"patience"}, "divergence": {"loss_factor"},
+EARLY_STOPPING_KEYS = {"rank_collapse": {"patience", "action"}, "divergence": {"loss_factor"},
                        "asha": {"grace_period", "reduction_factor", "max_t"}}
 RESOURCE_KEYS = ("cpu", "gpu")
+RANK_COLLAPSE_ACTIONS = ("stop", "protect")  # what the rank-collapse rule does: stop the trial, or protect the layers
+# What action: protect sets in every cell: the trial protects a watched layer when its rank detector warns.
+PROTECT_ON_RANK_WARNING = {"protection.mode": "adaptive_svd", "protection.trigger": "rank_warning"}
 
 
 @dataclass(frozen=True)
@@ -115,6 +118,11 @@ def _check_early_stopping(raw: dict, source: str) -> dict:
             if key not in EARLY_STOPPING_KEYS[rule]:
                 raise ConfigError(source, f"early_stopping.{rule}.{key}",
                                   f"unknown setting (known: {', '.join(sorted(EARLY_STOPPING_KEYS[rule]))})")
+            if key == "action":
+                if value not in RANK_COLLAPSE_ACTIONS:
+                    raise ConfigError(source, f"early_stopping.{rule}.{key}",
+                                      f"{value!r} is not one of {', '.join(RANK_COLLAPSE_ACTIONS)}")
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(source, f"early_stopping.{rule}.{key}", f"{value!r} must be a positive number")
         if rule == "divergence" and settings.get("loss_factor", 2.0) <= 1:
@@ -163,6 +171,31 @@ def _check_layer_patterns(cell: Cell, source: str, checked: set) -> None:
     checked.add(key)
 
 
+def _protect_on_rank_warning(cell_raw: dict, axes: dict, source: str) -> dict:
+    """The cell with the protection ``action: protect`` asks for; a cell that says otherwise, or cannot
+    be protected (grid), is an error in the file rather than a rule that silently does nothing."""
+    where = "early_stopping.rank_collapse.action"
+    cell = f"cell {', '.join(f'{k}={v}' for k, v in axes.items())}" if axes else "the trial"
+    if cell_raw.get("optimizer") == "grid":
+        raise ConfigError(source, where, f"protect with optimizer=grid ({cell}): grid keeps every weight on its "
+                                         f"format's grid, which a protected layer's W_p + B·A is not; exclude "
+                                         f"the grid cells or use action: stop")
+    protection = cell_raw.get("protection") if isinstance(cell_raw.get("protection"), dict) else {}
+    for dotted, wanted in PROTECT_ON_RANK_WARNING.items():
+        key = dotted.split(".")[1]
+        value = "off" if key == "mode" and protection.get(key) is False else protection.get(key, wanted)
+        if value != wanted:
+            raise ConfigError(source, where, f"protect sets {dotted}={wanted}, and {cell} has {dotted}={value}: "
+                                             f"leave {dotted} out of trial and matrix")
+        cell_raw = set_dotted(cell_raw, dotted, wanted)
+    return cell_raw
+
+
+def _axis_value(axis: str, value):
+    """The value as the cell id and matrix document show it: YAML reads a bare ``off`` as false."""
+    return "off" if axis == "protection.mode" and value is False else value
+
+
 def parse_sweep(raw: dict, source: str = "<sweep>") -> SweepSpec:
     """Validate a sweep mapping and expand it into cells."""
     _check_sections(raw, source)
@@ -171,6 +204,7 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> SweepSpec:
     base = raw.get("trial", {}) or {}
     matrix = raw.get("matrix", {}) or {}
     exclude = raw.get("exclude", []) or []
+    protect = early_stopping.get("rank_collapse", {}).get("action") == "protect"
     cells, seen, checked = [], {}, set()
     for values in itertools.product(*matrix.values()):
         axes = dict(zip(matrix, values))
@@ -179,6 +213,9 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> SweepSpec:
         cell_raw = copy.deepcopy(base)
         for axis, value in axes.items():
             cell_raw = set_dotted(cell_raw, axis, value)
+        axes = {axis: _axis_value(axis, value) for axis, value in axes.items()}
+        if protect:
+            cell_raw = _protect_on_rank_warning(cell_raw, axes, source)
         where = f"{source} (cell {', '.join(f'{k}={v}' for k, v in axes.items())})" if axes else source
         config = parse_cell(cell_raw, where)
         cell_id = _cell_id(axes)
