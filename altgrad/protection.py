@@ -308,7 +308,8 @@ class ProtectionController:
     def _drop_group(self, name: str) -> None:
         group = self.groups.pop(name, None)
         if group is not None:
-            self.optimizer.param_groups.remove(group)
+            # By identity: list.remove compares dicts, and so their parameter tensors, elementwise.
+            self.optimizer.param_groups[:] = [g for g in self.optimizer.param_groups if g is not group]
             for p in group["params"]:
                 self.optimizer.state.pop(p, None)
 
@@ -327,4 +328,5 @@ class ProtectionController:
         for name in state["groups"]:
             self._add_group(name)
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])  # torch rebuilds its group dicts: rebind ours
+            self.groups = dict(zip(state["groups"], self.optimizer.param_groups))

@@ -224,13 +224,33 @@ def test_a_layer_released_below_the_release_threshold_trains_whole_again(tmp_pat
     assert all(torch.isfinite(layer.weight).all() for layer in controller.layers.values())
 
 
+def test_any_layer_switches_in_any_order_and_each_keeps_its_own_group(tmp_path):
+    # The layers' groups hold factors of different ranks; a switch that is not the first group's (a layer
+    # released while the ones before it stay, or cycles out of order) must leave the others' groups alone.
+    trainer = tiny_trainer(tmp_path)
+    controller = trainer.probes[-1]
+    for _ in range(10):
+        trainer._train_step()
+    names = list(controller.groups)
+    assert len(names) >= 3
+    controller._release(names[1])
+    controller._protect(names[-1], (controller.layers[names[-1]].protected_b.detach().clone()[:, :1],
+                                    controller.layers[names[-1]].protected_a.detach().clone()[:1]))
+    assert list(controller.groups) == [names[0], *names[2:-1], names[-1]]
+    assert len(controller.optimizer.param_groups) == len(controller.groups)
+    assert all(g is h for g, h in zip(controller.groups.values(), controller.optimizer.param_groups))
+    trainer._train_step()
+    assert all(torch.isfinite(layer.weight).all() for layer in controller.layers.values())
+
+
 class _Crash(Exception):
     pass
 
 
 def test_resume_across_switches_is_bit_identical(tmp_path):
     config = dataclasses.replace(HAIR_TRIGGER, every=7)  # switches at 7, cycles at 14, 21, ...
-    overrides = dict(steps=40, eval_every=20, optimizer="manifold_adamw", format="E4M3")
+    # A warm-up schedule: the factors' lr changes at every step, before and after the resume at 20.
+    overrides = dict(steps=40, eval_every=20, optimizer="manifold_adamw", format="E4M3", warmup_steps=30)
     straight = tiny_trainer(tmp_path / "a", config, **overrides)
     straight.run()
 
@@ -241,8 +261,17 @@ def test_resume_across_switches_is_bit_identical(tmp_path):
     with pytest.raises(_Crash):
         tiny_trainer(tmp_path / "b", config, **overrides).run(report=crash)
     resumed = tiny_trainer(tmp_path / "b", config, **overrides)
+    controller, load = resumed.probes[-1], resumed.probes[-1].load_state_dict
+    restored = []
+
+    def checked_load(state):  # torch's load_state_dict makes new group dicts; later switches edit those
+        load(state)
+        restored.extend(controller.groups)
+        assert all(any(g is h for h in controller.optimizer.param_groups) for g in controller.groups.values())
+
+    controller.load_state_dict = checked_load
     resumed.run(resume=True)
-    assert resumed.step == 40
+    assert restored and resumed.step == 40
     losses = [row["train_loss"] for row in resumed.rows["steps"].arrow().to_pylist()]
     assert losses == [row["train_loss"] for row in straight.rows["steps"].arrow().to_pylist()]
     for name, layer in straight.layers.items():
