@@ -15,6 +15,7 @@ from altgrad import results as tables
 from altgrad.analysis.compare import benefit_table, best_split, matched_comparison
 from altgrad.analysis.plots import (plot_benefit, plot_dynamics, plot_failure_order, plot_loss_curves, plot_ranks,
                                     plot_timeline, plot_warning_curves)
+from altgrad.analysis.granularity import GRANULARITY, granularity_table, has_granularities, plot_granularity
 from altgrad.analysis.protection import (MODE, has_protection, plot_protected_layer, protected_example,
                                          protection_table)
 from altgrad.analysis.tables import (BASELINE, Results, _count, _ordered, cell_keys, format_optimizer_table,
@@ -157,6 +158,23 @@ _CELL_GLOSSARY = (
 )
 
 
+def _granularity_section(results: Results, image) -> list[str]:
+    """Each format × optimizer under every scaling granularity of the matrix; nothing without that axis."""
+    if not has_granularities(results):
+        return []
+    table = granularity_table(results)
+    shown = table.drop(columns=[c for c in table if c.endswith(" n")])
+    for value in [c[:-len(" mean")] for c in table if c.endswith(" mean")] + [c for c in table if c.endswith(" - tensor")]:
+        suffix = " mean" if f"{value} mean" in table else ""
+        shown = _merge_interval(shown, f"{value}{suffix}", f"{value} ci_low", f"{value} ci_high", f"{value} [95% CI]")
+    return ["## Per tensor or in blocks: does the best split change?",
+            f"Val loss at the final step per `{GRANULARITY}` (mean and 95% t-interval over the seeds that reached "
+            f"it; each cell at its best learning rate), the format's *rank* among the formats under that scaling, "
+            f"and the finer scaling minus per tensor (Welch's 95% interval; negative = it trains better).",
+            _markdown(shown),
+            image("granularity.png", plot_granularity(results), "val loss per format under each granularity")]
+
+
 def _protection_section(results: Results, image) -> list[str]:
     """Protected cells against the same cells unprotected, same seeds; nothing without both."""
     if not has_protection(results):
@@ -199,6 +217,7 @@ def write_report(path: str | os.PathLike | Results, out_dir: str | os.PathLike) 
         f"## Where the ULP optimizers help (against {BASELINE})", *_benefit_section(results, image),
         "## What fails first", *_failure_section(results, image),
         "## How good the warnings are", *_warning_section(results, image),
+        *_granularity_section(results, image),
         *_protection_section(results, image),
         "## Formats × optimizers", _CELL_GLOSSARY, _markdown(_display_cells(format_optimizer_table(results))),
         "## Loss curves",
