@@ -42,17 +42,23 @@ def build(fmt: str, diagnostics: dict, args, protection: dict | None = None, sca
     return Trainer(cell, trial_id=f"{fmt}", progress=False)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def model_parser(description: str) -> argparse.ArgumentParser:
+    """The benchmark model's options (4 layers x 256 wide, E4M3, AdamW, CPU), shared with whatif.py."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--format", default="E4M3")
     parser.add_argument("--optimizer", default="adamw")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=256)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    return parser
+
+
+def main() -> None:
+    parser = model_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="measured steps per variant")
     parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps per variant first")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     variants = {

@@ -11,7 +11,6 @@ amortised as in a real run.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -19,6 +18,7 @@ import torch
 from altgrad.config import parse_cell
 from altgrad.probes import WhatIfProbe
 from altgrad.trainer import Trainer
+from train_step import model_parser  # benchmarks/, the script's own folder
 
 DEFAULTS = {"flips_every": 1, "rank_every": 50, "stats": True}
 
@@ -37,15 +37,8 @@ def build(args, whatif: bool) -> Trainer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--format", default="E4M3")
-    parser.add_argument("--optimizer", default="adamw")
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=256)
-    parser.add_argument("--block-size", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser = model_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="measured steps per variant, after the first check")
-    parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
     variants = {"defaults + what-if": build(args, True), "defaults, no what-if": build(args, False)}
