@@ -48,6 +48,16 @@ def test_each_format_per_granularity_with_ranks_and_block_minus_tensor_by_hand()
     assert plot_granularity(results) is not None
 
 
+def test_a_trial_stopped_before_the_final_step_is_left_out_of_its_cell():
+    results = _results()
+    stopped = results.trials["trial_id"].eq("E4M3_block_s1")
+    results.trials.loc[stopped, ["status", "steps_completed"]] = ["stopped", 100]
+    results.steps.drop(results.steps.index[results.steps["trial_id"].eq("E4M3_block_s1")
+                                           & results.steps["step"].eq(200)], inplace=True)
+    row = granularity_table(results).set_index("format").loc["E4M3"]
+    assert row["block mean"] == pytest.approx(2.1) and row["block n"] == 1 and pd.isna(row["block ci_low"])
+
+
 def test_a_cell_missing_under_one_granularity_is_null_there_not_zero():
     finals = {k: v for k, v in FINALS.items() if k != ("E2M5", "block")}
     table = granularity_table(_results(finals)).set_index("format")

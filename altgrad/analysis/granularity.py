@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from altgrad.analysis.compare import (LR_AXES, _final_step, best_lr_cells, best_split, t_interval, val_loss_at,
-                                      welch_interval)
+from altgrad.analysis.compare import (LR_AXES, _final_step, best_lr_cells, best_split, reached_step, t_interval,
+                                      val_loss_at, welch_interval)
 from altgrad.analysis.tables import Results, _ordered, _sort, cell_keys, nullable
 from altgrad.scaling import GRANULARITIES
 
@@ -36,7 +36,9 @@ def granularity_table(results: Results) -> pd.DataFrame:
         return pd.DataFrame()
     keys = [k for k in cell_keys(results.trials) if k not in (*LR_AXES, GRANULARITY)]
     best = best_lr_cells(results)
-    values = val_loss_at(results, pd.Series(_final_step(results.trials), index=best["trial_id"]))
+    final = _final_step(results.trials)
+    reached = best[reached_step(best) >= final]  # a trial stopped earlier is compared at its own step elsewhere
+    values = val_loss_at(results, pd.Series(final, index=reached["trial_id"]))
     ranks = best_split(results).set_index([*keys, GRANULARITY])["rank"]
     present = [g for g in GRANULARITIES if g in set(best[GRANULARITY])]
     rows = []
@@ -44,7 +46,7 @@ def granularity_table(results: Results) -> pd.DataFrame:
         cell = cell if isinstance(cell, tuple) else (cell,)
         row, losses = dict(zip(keys, cell)), {}
         for g in present:
-            losses[g] = values[own.loc[own[GRANULARITY].eq(g), "trial_id"]]
+            losses[g] = values.reindex(own.loc[own[GRANULARITY].eq(g), "trial_id"]).dropna()
             mean, low, high, n = t_interval(losses[g])
             row |= {f"{g} mean": mean, f"{g} ci_low": low, f"{g} ci_high": high, f"{g} n": n,
                     f"{g} rank": ranks.get((*cell, g), pd.NA)}
@@ -76,13 +78,20 @@ def plot_granularity(results: Results) -> Figure | None:
     for ax, optimizer in zip(axes, optimizers):
         own = table[table["optimizer"].eq(optimizer)].groupby("format", sort=False).first()  # first of other axes
         x = np.array([formats.index(f) for f in own.index])
+        means = np.concatenate([own[f"{g} mean"].to_numpy(dtype=float, na_value=np.nan) for g in present])
+        top = np.nanmedian(means) * 1.3 if np.isfinite(means).any() else None  # a diverged cell stays off-scale
         for i, g in enumerate(present):
             mean = own[f"{g} mean"].to_numpy(dtype=float, na_value=np.nan)
             low = mean - own[f"{g} ci_low"].to_numpy(dtype=float, na_value=np.nan)
             high = own[f"{g} ci_high"].to_numpy(dtype=float, na_value=np.nan) - mean
             ax.errorbar(x + (i - (len(present) - 1) / 2) * 0.15, mean, yerr=np.nan_to_num([low, high]), fmt="o-",
                         ms=4, capsize=3, color=f"C{i}", label=f"granularity {g}")
-        ax.set(title=optimizer, ylabel="val loss at the final step")
+        off_scale = int((means > top).sum()) if top else 0
+        ax.set(title=optimizer + (f" ({off_scale} off-scale above)" if off_scale else ""),
+               ylabel="val loss at the final step")
+        if off_scale:
+            low = np.nanmin(means)
+            ax.set_ylim(max(0.0, low - (top - low)), top)
         ax.legend(fontsize="small")
     axes[-1].set_xticks(range(len(formats)), formats, rotation=30 if len(formats) > 6 else 0)
     return fig
