@@ -58,7 +58,8 @@ def model_parser(description: str) -> argparse.ArgumentParser:
 def main() -> None:
     parser = model_parser(__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150, help="measured steps per variant")
-    parser.add_argument("--warmup", type=int, default=10, help="unmeasured steps per variant first")
+    parser.add_argument("--warmup", type=int, default=DEFAULTS["rank_every"] + 1,
+                        help="unmeasured steps per variant first: past the first rank check, whose kernels compile once")
     args = parser.parse_args()
 
     variants = {
