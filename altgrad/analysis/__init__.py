@@ -23,10 +23,10 @@ from altgrad.analysis.report import default_report_dir, report_main, write_repor
 
 __all__ = [
     "Results", "SIGNALS", "Signal", "benefit_table", "best_lr_cells", "best_split", "cell_keys",
-    "default_report_dir", "failure_labels", "failure_order", "firing_steps", "format_optimizer_table", "granularity_table",
-    "layer_kind", "load_results", "matched_comparison", "plot_benefit", "plot_dynamics", "plot_failure_order", "plot_granularity",
-    "plot_loss_curves", "plot_protected_layer", "plot_ranks", "plot_timeline", "plot_warning_curves",
-    "protected_example", "protection_table", "register", "relative_change", "report_main", "t_interval",
-    "trial_config", "trial_lanes", "trial_table", "val_loss_at", "warning_curve",
-    "warning_quality", "welch_interval", "with_axes", "write_report",
+    "default_report_dir", "failure_labels", "failure_order", "firing_steps", "format_optimizer_table",
+    "granularity_table", "layer_kind", "load_results", "matched_comparison", "plot_benefit", "plot_dynamics",
+    "plot_failure_order", "plot_granularity", "plot_loss_curves", "plot_protected_layer", "plot_ranks",
+    "plot_timeline", "plot_warning_curves", "protected_example", "protection_table", "register",
+    "relative_change", "report_main", "t_interval", "trial_config", "trial_lanes", "trial_table", "val_loss_at",
+    "warning_curve", "warning_quality", "welch_interval", "with_axes", "write_report",
 ]

@@ -164,9 +164,10 @@ def _granularity_section(results: Results, image) -> list[str]:
         return []
     table = granularity_table(results)
     shown = table.drop(columns=[c for c in table if c.endswith(" n")])
-    for value in [c[:-len(" mean")] for c in table if c.endswith(" mean")] + [c for c in table if c.endswith(" - tensor")]:
-        suffix = " mean" if f"{value} mean" in table else ""
-        shown = _merge_interval(shown, f"{value}{suffix}", f"{value} ci_low", f"{value} ci_high", f"{value} [95% CI]")
+    losses = [(c[:-len(" mean")], c) for c in table if c.endswith(" mean")]  # ("block", "block mean")
+    differences = [(c, c) for c in table if c.endswith(" - tensor")]
+    for name, value in losses + differences:
+        shown = _merge_interval(shown, value, f"{name} ci_low", f"{name} ci_high", f"{name} [95% CI]")
     return ["## Per tensor or in blocks: does the best split change?",
             f"Val loss at the final step per `{GRANULARITY}` (mean and 95% t-interval over the seeds that reached "
             f"it; each cell at its best learning rate), the format's *rank* among the formats under that scaling, "
