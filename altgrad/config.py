@@ -118,6 +118,12 @@ def _coerce(source: str, key: str, value, default):
     return value
 
 
+def yaml_value(dotted: str, value):
+    """What a YAML value meant for the key ``dotted``: YAML reads a bare ``off`` as false, which for
+    ``protection.mode`` is the mode off. The one place the config and the sweep files read it."""
+    return "off" if dotted == "protection.mode" and value is False else value
+
+
 def _build(cls, raw, source: str, prefix: str = ""):
     if not isinstance(raw, dict):
         raise ConfigError(source, prefix.rstrip(".") or "(top level)", f"expected a mapping, got {raw!r}")
@@ -129,10 +135,8 @@ def _build(cls, raw, source: str, prefix: str = ""):
             raise ConfigError(source, dotted, f"unknown key (known: {', '.join(defaults)})")
         if cls is CellConfig and key in _NESTED:
             values[key] = _build(_NESTED[key], value, source, dotted + ".")
-        elif cls is ProtectionConfig and key == "mode" and value is False:
-            values[key] = "off"  # YAML reads a bare `off` as false
         else:
-            values[key] = _coerce(source, dotted, value, defaults[key])
+            values[key] = _coerce(source, dotted, yaml_value(dotted, value), defaults[key])
     try:
         return cls(**values)
     except ValueError as error:  # the section's own checks (ScalingConfig, RankTrendConfig, FailureRules)

@@ -15,7 +15,7 @@ import json
 import re
 from dataclasses import dataclass, field
 
-from altgrad.config import CellConfig, ConfigError, known_key, load_yaml, parse_cell, set_dotted
+from altgrad.config import CellConfig, ConfigError, known_key, load_yaml, parse_cell, set_dotted, yaml_value
 from altgrad.sweep.scheduler import MODES
 
 SWEEP_KEYS = ("name", "trial", "matrix", "exclude", "early_stopping", "resources")
@@ -182,18 +182,12 @@ def _protect_on_rank_warning(cell_raw: dict, axes: dict, source: str) -> dict:
                                          f"the grid cells or use action: stop")
     protection = cell_raw.get("protection") if isinstance(cell_raw.get("protection"), dict) else {}
     for dotted, wanted in PROTECT_ON_RANK_WARNING.items():
-        key = dotted.split(".")[1]
-        value = "off" if key == "mode" and protection.get(key) is False else protection.get(key, wanted)
+        value = yaml_value(dotted, protection.get(dotted.split(".")[1], wanted))
         if value != wanted:
             raise ConfigError(source, where, f"protect sets {dotted}={wanted}, and {cell} has {dotted}={value}: "
                                              f"leave {dotted} out of trial and matrix")
         cell_raw = set_dotted(cell_raw, dotted, wanted)
     return cell_raw
-
-
-def _axis_value(axis: str, value):
-    """The value as the cell id and matrix document show it: YAML reads a bare ``off`` as false."""
-    return "off" if axis == "protection.mode" and value is False else value
 
 
 def parse_sweep(raw: dict, source: str = "<sweep>") -> SweepSpec:
@@ -213,7 +207,7 @@ def parse_sweep(raw: dict, source: str = "<sweep>") -> SweepSpec:
         cell_raw = copy.deepcopy(base)
         for axis, value in axes.items():
             cell_raw = set_dotted(cell_raw, axis, value)
-        axes = {axis: _axis_value(axis, value) for axis, value in axes.items()}
+        axes = {axis: yaml_value(axis, value) for axis, value in axes.items()}  # as cell ids show them
         if protect:
             cell_raw = _protect_on_rank_warning(cell_raw, axes, source)
         where = f"{source} (cell {', '.join(f'{k}={v}' for k, v in axes.items())})" if axes else source
