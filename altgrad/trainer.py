@@ -56,6 +56,14 @@ def lr_factor(step: int, cell: CellConfig) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def cell_columns(cell: CellConfig, trial_id: str, sweep: str | None) -> dict:
+    """The columns of a trial's ``trials`` row that its cell decides, known before it runs."""
+    return {"trial_id": trial_id, "format": cell.format, "optimizer": cell.optimizer,
+            "layers": cell.layers if isinstance(cell.layers, str) else json.dumps(cell.layers, sort_keys=True),
+            "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_planned": cell.steps, "sweep": sweep,
+            "config": json.dumps(cell.to_dict(), sort_keys=True, default=list)}
+
+
 def node_id() -> str:
     """Ray's node id inside a Ray worker, else this machine's host name."""
     try:
@@ -242,20 +250,21 @@ class Trainer:
 
     def summary(self, status: str, error: str | None = None) -> dict:
         """The trial's row of the ``trials`` table."""
-        cell, steps = self.cell, self.rows["steps"]
+        measured = self.measured()
+        return {**cell_columns(self.cell, self.trial_id, self.sweep), **measured, "status": status, "error": error,
+                "stop_reason": measured["stop_reason"] or ("error" if status == "error" else None)}
+
+    def measured(self) -> dict:
+        """The columns of the trial's row that only running it tells (the rest its cell decides): what a
+        sweep's reports carry to the driver, which writes the row."""
+        steps = self.rows["steps"]
         return {
-            "trial_id": self.trial_id, "format": cell.format, "optimizer": cell.optimizer,
-            "layers": cell.layers if isinstance(cell.layers, str) else json.dumps(cell.layers, sort_keys=True),
-            "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "status": status,
-            "stop_reason": self.state["stop_reason"] or ("error" if status == "error" else None),
-            "steps_completed": self.step, "steps_planned": cell.steps,
+            "stop_reason": self.state["stop_reason"], "steps_completed": self.step,
             "final_train_loss": steps[-1]["train_loss"] if steps else None, "final_val_loss": self.state["final_val_loss"],
             "best_val_loss": self.state["best_val_loss"], "first_warning_step": self.state["first_warning_step"],
-            "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "sweep": self.sweep, "error": error,
-            "data_fingerprint": self.data.fingerprint,
-            **label_failure([r["step"] for r in steps], [r["train_loss"] for r in steps], cell.failure)._asdict(),
+            "wall_time_s": self.state["wall_time_s"], "node_id": node_id(), "data_fingerprint": self.data.fingerprint,
+            **label_failure([r["step"] for r in steps], [r["train_loss"] for r in steps], self.cell.failure)._asdict(),
             "started_at": self.state["started_at"], "ended_at": self.state["ended_at"],
-            "config": json.dumps(cell.to_dict(), sort_keys=True, default=list),
         }
 
     # ---- persistence ---------------------------------------------------------------------------

@@ -32,8 +32,12 @@ from altgrad import results
 from altgrad.config import ConfigError, parse_cell
 from altgrad.sweep.scheduler import RankCollapseScheduler
 from altgrad.sweep.spec import SweepSpec
+from altgrad.trainer import Trainer, cell_columns
 
 CHECKPOINT_FILE = "trainer.pt"
+# The report key carrying the trainer's measured row columns (one JSON string: Tune keeps running
+# statistics of every number a trial reports). The recorder takes it out of each result it is handed.
+MEASURED = "trial_measured"
 # Fault injection for checking recovery: every trial crashes once, right after the report of this step
 # (its checkpoint saved), and Ray restarts it from that checkpoint (FailureConfig.max_failures).
 CRASH_AT_STEP = "ALTGRAD_CRASH_AT_STEP"
@@ -56,8 +60,6 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozen
     An actor may be reused for the next trial (``reuse_actors``): everything a trial depends on is set
     here (seeds inside the Trainer, the thread count from the trial's CPUs). A cell in ``ended`` (its
     row was written before the driver restarted) returns at once, touching nothing."""
-    from altgrad.trainer import Trainer
-
     cell_id = config["cell_id"]
     if cell_id in ended:
         return
@@ -76,8 +78,7 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozen
     crash_at = int(os.environ.get(CRASH_AT_STEP, 0))
 
     def report(metrics: dict, checkpoint: Path | None) -> None:
-        # One string, not a dict of numbers: Tune keeps running statistics of every number a trial reports.
-        metrics = {**metrics, "trial_summary": json.dumps(trainer.summary(status="running"))}
+        metrics = {**metrics, MEASURED: json.dumps(trainer.measured())}
         if checkpoint is None:
             tune.report(metrics)
         else:
@@ -103,14 +104,16 @@ class SweepRecorder(tune.Callback):
     """Writes each trial's ``trials`` row when it ends, and owns the sweep's scheduler.
 
     ``ended`` holds the rows already written ({cell id: status}): those trials keep them untouched.
-    Its state (the scheduler's stop reasons and memory) is saved by Ray with the experiment and
-    restored on ``--resume``."""
+    Its state (each running trial's last measured columns and stop decisions, and the scheduler's
+    memory) is saved by Ray with the experiment and restored on ``--resume``. It holds trials until
+    their row is written: what Ray snapshots grows with the trials running, not with the sweep."""
 
     def __init__(self, spec: SweepSpec, root: str, progress: bool = True, ended: dict[str, str] | None = None):
         self.cells = {cell.cell_id: cell for cell in spec.cells}
         self.root, self.sweep = root, spec.name
         self.stop_reasons: dict[str, str] = {}  # acted on: the trial was stopped
         self.would_stop: dict[str, tuple[int | None, str]] = {}  # the first decision, acted on or not
+        self.measured: dict[str, str] = {}  # the last report's measured columns (JSON), by Ray's trial id
         self.finished: dict[str, str] = dict(ended or {})  # cell id -> status
         self.scheduler = build_scheduler(spec, on_decision=self.record_decision)
         self.progress = progress
@@ -119,11 +122,12 @@ class SweepRecorder(tune.Callback):
     # Ray saves and restores this with the experiment state.
     def get_state(self) -> dict:
         return {"stop_reasons": dict(self.stop_reasons), "would_stop": dict(self.would_stop),
-                "scheduler": self.scheduler.get_state()}
+                "measured": dict(self.measured), "scheduler": self.scheduler.get_state()}
 
     def set_state(self, state: dict) -> None:
         self.stop_reasons.update(state.get("stop_reasons", {}))
         self.would_stop.update({k: tuple(v) for k, v in state.get("would_stop", {}).items()})
+        self.measured.update(state.get("measured", {}))
         self.scheduler.set_state(state.get("scheduler", {}))
 
     def record_decision(self, trial_id: str, reason: str, result: dict, acted: bool) -> None:
@@ -137,6 +141,13 @@ class SweepRecorder(tune.Callback):
     def setup(self, **info) -> None:
         if self.progress:
             self._bar = tqdm(total=len(self.cells), initial=len(self.finished), unit="trial", desc=self.sweep)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        """Keeps the measured columns here, out of the result Ray stores, encodes and snapshots for every
+        trial of the sweep (Ray lets callbacks modify a result in place; this one runs first)."""
+        measured = result.pop(MEASURED, None)
+        if measured is not None:
+            self.measured[trial.trial_id] = measured
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         self._write(trial, error=None)
@@ -159,22 +170,27 @@ class SweepRecorder(tune.Callback):
         cell_id = trial.config["cell_id"]
         if cell_id in self.finished:
             return  # an ended trial keeps its row
-        row = self.row(cell_id, trial.last_result or {}, self.stop_reasons.get(trial.trial_id), error,
+        # A trial restored from a checkpoint and ended before reporting again: its checkpoint's report.
+        measured = self.measured.get(trial.trial_id) or (trial.last_result or {}).get(MEASURED)
+        row = self.row(cell_id, measured, self.stop_reasons.get(trial.trial_id), error,
                        self.would_stop.get(trial.trial_id, (None, None)))
         results.write_rows(self.root, "trials", cell_id, [row])
         self.finished[cell_id] = row["status"]
+        for memory in (self.measured, self.stop_reasons, self.would_stop):
+            memory.pop(trial.trial_id, None)  # in the row now
         _drop_checkpoints(trial)
         if self._bar:
             self._bar.update(1)
             counts = {status: list(self.finished.values()).count(status) for status in ("stopped", "error")}
             self._bar.set_postfix(counts, refresh=True)
 
-    def row(self, cell_id: str, last: dict, scheduler_reason: str | None, error: str | None,
+    def row(self, cell_id: str, measured: str | None, scheduler_reason: str | None, error: str | None,
             would_stop: tuple[int | None, str | None] = (None, None)) -> dict:
-        """The trials row from the trial's last report (its trainer's summary), how it ended, and the
-        first decision a stopping rule took about it."""
-        reported = last.get("trial_summary")
-        summary = json.loads(reported) if reported else self._empty_summary(cell_id)
+        """The trials row from the cell, the columns the trial's last report measured (none when it
+        failed while starting: null), how it ended, and the first decision a stopping rule took about it."""
+        cell = self.cells[cell_id].config
+        summary = {**cell_columns(cell, cell_id, self.sweep), "steps_completed": 0,
+                   **(json.loads(measured) if measured else {})}
         summary["would_stop_step"], summary["would_stop_reason"] = would_stop
         if summary["steps_completed"] >= summary["steps_planned"]:
             scheduler_reason = None  # a STOP at the last report saved nothing: the run is complete
@@ -186,14 +202,6 @@ class SweepRecorder(tune.Callback):
         else:
             summary.update(status="completed", stop_reason=None)
         return summary
-
-    def _empty_summary(self, cell_id: str) -> dict:
-        """A row for a trial that ended before its first report (it failed while starting)."""
-        cell = self.cells[cell_id].config
-        layers = cell.layers if isinstance(cell.layers, str) else str(cell.layers)
-        return {"trial_id": cell_id, "format": cell.format, "optimizer": cell.optimizer, "layers": layers,
-                "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_completed": 0,
-                "steps_planned": cell.steps, "sweep": self.sweep}  # the rest was never measured: null
 
 
 def _drop_checkpoints(trial) -> None:
@@ -437,6 +445,6 @@ def _wandb_callbacks(mode: str, group: str) -> list:
     class FlushingWandbLoggerCallback(WandbLoggerCallback):
         _logger_actor_cls = FlushingLoggingActor
 
-    return [FlushingWandbLoggerCallback(project="altgrad", group=group, excludes=["trial_summary"], log_config=True)]
+    return [FlushingWandbLoggerCallback(project="altgrad", group=group, log_config=True)]
 
 
