@@ -15,10 +15,11 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
+from pyarrow.fs import LocalFileSystem
 
 from altgrad.cli import main
 from altgrad.sweep import RankCollapseScheduler, parse_sweep
-from altgrad.sweep.runner import SweepRecorder
+from altgrad.sweep.runner import MEASURED, SweepRecorder
 
 TINY_TRIAL = {"steps": 30, "batch_size": 8, "eval_every": 10, "eval_iters": 2, "warmup_steps": 5,
               "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
@@ -196,6 +197,33 @@ def test_the_schedulers_memory_survives_a_driver_restart_in_the_recorders_saved_
     assert decide(again.scheduler, "c", step=50, train_loss=2.0, rank_warnings=1) == "STOP"  # the third warning
 
 
+def test_the_recorder_keeps_a_trials_measurements_only_until_its_row_is_written(tmp_path):
+    # Ray stores, encodes and snapshots every result of every trial: the measured columns must leave the
+    # result, be held by the recorder while the trial runs (so a driver restart keeps them), and be gone
+    # from its saved state once the row holds them, so that the state grows with the trials running only.
+    spec = parse_sweep({"name": "m", "trial": TINY_TRIAL, "matrix": {"seed": [0, 1]}})
+    recorder = SweepRecorder(spec, str(tmp_path), progress=False)
+    cell_id = spec.cell_ids[0]
+    measured = {"stop_reason": None, "steps_completed": 30, "final_train_loss": 2.5, "first_warning_step": 20}
+    checkpoints = tmp_path / "_ray" / "t0"
+    (checkpoints / "checkpoint_000000").mkdir(parents=True)
+    trial = SimpleNamespace(trial_id="t0", config={"cell_id": cell_id}, last_result={},
+                            storage=SimpleNamespace(storage_filesystem=LocalFileSystem(), trial_fs_path=str(checkpoints)))
+    result = {"step": 30, "train_loss": 2.5, MEASURED: json.dumps(measured)}
+    recorder.on_trial_result(0, [trial], trial, result)
+    assert MEASURED not in result and result == {"step": 30, "train_loss": 2.5}
+    recorder.record_decision("t0", "rank_collapse", {"step": 20}, acted=False)
+    assert pickle.loads(pickle.dumps(recorder.get_state()))["measured"] == {"t0": json.dumps(measured)}
+    recorder.on_trial_complete(0, [trial], trial)
+    state = recorder.get_state()
+    assert state["measured"] == {} and state["would_stop"] == {} and state["stop_reasons"] == {}
+    row = pd.read_parquet(tmp_path / "trials").iloc[0]
+    assert row["trial_id"] == cell_id and row["seed"] == 0 and row["steps_planned"] == TINY_TRIAL["steps"]
+    assert row["steps_completed"] == 30 and row["final_train_loss"] == 2.5 and row["first_warning_step"] == 20
+    assert row["status"] == "completed" and row["would_stop_step"] == 20 and row["would_stop_reason"] == "rank_collapse"
+    assert recorder.finished == {cell_id: "completed"} and not checkpoints.exists()  # an ended trial's are dead weight
+
+
 def test_scheduler_copes_with_missing_and_odd_metrics_without_stopping_healthy_trials():
     scheduler = RankCollapseScheduler(patience=1)
     for result in ({}, {"train_loss": None}, {"rank_warnings": float("nan")}, {"train_loss": "x"},
@@ -270,6 +298,25 @@ def test_resuming_a_finished_sweep_changes_nothing_and_says_so(small_sweep):
     assert (f"nothing to resume: all 4 trials ended ({counts.get('completed', 0)} completed, "
             f"{counts.get('stopped', 0)} stopped, {counts.get('error', 0)} error)") in result.stdout
     assert file_states(root) == before
+
+
+def test_a_sweeps_trials_row_is_the_row_altgrad_train_writes_for_the_same_cell(small_sweep, tmp_path):
+    # The driver assembles a trial's row from the cell and the trial's reported measurements; the same
+    # cell trained alone writes its own row in one piece. They agree column for column, but for where,
+    # when and under which sweep it ran (one thread each, as the sweep's trials have one CPU).
+    root, _ = small_sweep
+    swept = pd.read_parquet(root / "trials").set_index("trial_id")
+    trial_id = swept.index[swept["status"] == "completed"][0]
+    cell = tmp_path / f"{trial_id}.yaml"
+    cell.write_text(yaml.safe_dump(json.loads(swept.loc[trial_id, "config"])))
+    result = altgrad("train", str(cell), "--out", str(tmp_path / "out"), env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = pd.read_parquet(tmp_path / "out" / trial_id / "trials").set_index("trial_id")
+    assert list(alone.columns) == list(swept.columns)
+    elsewhere = ["node_id", "wall_time_s", "started_at", "ended_at", "sweep"]
+    assert swept.loc[trial_id, "sweep"] == "t" and pd.isna(alone.loc[trial_id, "sweep"])
+    same = [c for c in swept.columns if c not in elsewhere]
+    pd.testing.assert_series_equal(alone.loc[trial_id, same], swept.loc[trial_id, same])
 
 
 def test_a_reused_actor_starts_the_next_trial_clean(tmp_path):

@@ -316,6 +316,10 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
     # Tune's own CSV, JSON and TensorBoard files per trial copy what the tables hold, and cost the driver
     # more per trial than the rest of its bookkeeping (benchmarks/scale.py); without them, no TensorBoard hint.
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    # Tune snapshots the whole experiment every ~10 s by default, re-encoding every trial it knows; once a
+    # minute is enough here: an ended trial is kept by its row, and a driver killed outright costs the
+    # trials then running at most a minute's progress (they resume from the snapshot's checkpoints).
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "60")
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False if address is None else None)
     try:
@@ -338,9 +342,9 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"cell_id": tune.grid_search(spec.cell_ids)},
-                tune_config=tune.TuneConfig(scheduler=recorder.scheduler, reuse_actors=True,
-                                            max_concurrent_trials=None),
+                param_space={"cell_id": tune.sample_from(_given_by_the_points)},
+                tune_config=tune.TuneConfig(scheduler=recorder.scheduler, reuse_actors=True, max_concurrent_trials=None,
+                                            search_alg=_one_trial_per_cell(spec), num_samples=len(spec.cell_ids)),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=2),
@@ -358,6 +362,20 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
         return statuses
     finally:
         ray.shutdown()
+
+
+def _one_trial_per_cell(spec: SweepSpec):
+    """One trial per cell, in the sweep's order, each config being ``{"cell_id": ...}``. Given as points to
+    evaluate (the param space only names the key) rather than ``tune.grid_search(cell_ids)``: Tune
+    deep-copies a grid's whole value list for every trial it makes from it, which costs the driver time
+    quadratic in the number of cells."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=[{"cell_id": cell_id} for cell_id in spec.cell_ids])
+
+
+def _given_by_the_points(_) -> str:
+    raise AssertionError("every trial's cell_id comes from the points to evaluate, one per cell")
 
 
 def _restore(path: str, trainable, scheduler: RankCollapseScheduler, callbacks: list) -> tune.Tuner:
