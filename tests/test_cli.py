@@ -56,5 +56,6 @@ def test_a_local_sweep_keeps_token_auth_on_without_rays_warnings(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Token authentication" not in result.stderr and "RAY_AUTH_MODE" not in result.stderr, result.stderr
     assert "Failed to fetch metrics" not in result.stderr and "result.json" not in result.stderr, result.stderr
+    assert "WARNING" not in result.stderr, result.stderr  # nor any other of Ray's (once one per trial)
     assert (home / ".ray" / "auth_token").is_file()  # token mode: Ray made this local cluster's token
     assert len(list((tmp_path / "out" / "t" / "trials").glob("*.parquet"))) == 2
