@@ -5,6 +5,7 @@ both resume without duplicate or missing rows, and resumes that leave ended tria
 import json
 import os
 import pickle
+import random
 import signal
 import subprocess
 import sys
@@ -207,7 +208,8 @@ def test_the_recorder_keeps_a_trials_measurements_only_until_its_row_is_written(
     measured = {"stop_reason": None, "steps_completed": 30, "final_train_loss": 2.5, "first_warning_step": 20}
     checkpoints = tmp_path / "_ray" / "t0"
     (checkpoints / "checkpoint_000000").mkdir(parents=True)
-    trial = SimpleNamespace(trial_id="t0", config={"cell_id": cell_id}, last_result={},
+    history = SimpleNamespace(metric_analysis={"step": {"max": 30}}, metric_n_steps={"step": {"5": [30]}})
+    trial = SimpleNamespace(trial_id="t0", config={"cell_id": cell_id}, last_result={}, run_metadata=history,
                             storage=SimpleNamespace(storage_filesystem=LocalFileSystem(), trial_fs_path=str(checkpoints)))
     result = {"step": 30, "train_loss": 2.5, MEASURED: json.dumps(measured)}
     recorder.on_trial_result(0, [trial], trial, result)
@@ -222,6 +224,60 @@ def test_the_recorder_keeps_a_trials_measurements_only_until_its_row_is_written(
     assert row["steps_completed"] == 30 and row["final_train_loss"] == 2.5 and row["first_warning_step"] == 20
     assert row["status"] == "completed" and row["would_stop_step"] == 20 and row["would_stop_reason"] == "rank_collapse"
     assert recorder.finished == {cell_id: "completed"} and not checkpoints.exists()  # an ended trial's are dead weight
+    assert history.metric_analysis == {} and history.metric_n_steps == {}  # and so is Tune's metric history
+
+
+def test_the_scheduler_chooses_the_trial_fifo_would_choose_without_scanning_ended_trials():
+    # Ray's FIFOScheduler is the oracle: same choice over random statuses, trials added in order.
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import FIFOScheduler
+
+    class FakeTrial:
+        def __init__(self, name):
+            self.name, self.status = name, Trial.PENDING
+
+        def is_finished(self):
+            return self.status in (Trial.ERROR, Trial.TERMINATED)
+
+    rng = random.Random(7)
+    statuses = [Trial.PENDING, Trial.RUNNING, Trial.PAUSED, Trial.TERMINATED, Trial.ERROR]
+    for _ in range(200):
+        trials = [FakeTrial(f"t{i}") for i in range(rng.randint(0, 12))]
+        scheduler = RankCollapseScheduler()
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        for _ in range(3):  # statuses change between steps of Tune's loop
+            for trial in trials:
+                if not trial.is_finished():  # an ended trial stays ended (a retried one is added again)
+                    trial.status = rng.choice(statuses)
+            controller = SimpleNamespace(get_trials=lambda: trials)
+            assert scheduler.choose_trial_to_run(controller) is FIFOScheduler().choose_trial_to_run(controller)
+        assert all(not trial.is_finished() for trial in scheduler._unended)  # ended ones are dropped
+
+
+def test_tune_may_keep_as_many_trials_waiting_as_fit_on_the_cluster_and_at_least_sixteen(monkeypatch):
+    from altgrad.sweep import runner
+
+    for cluster, request, expected in [({"CPU": 64.0, "GPU": 40.0}, {"cpu": 1, "gpu": 1}, 40),
+                                       ({"CPU": 64.0, "GPU": 40.0}, {"cpu": 2, "gpu": 1}, 32),
+                                       ({"CPU": 100.0}, {"cpu": 1, "gpu": 0}, 100),
+                                       ({"CPU": 4.0}, {"cpu": 1, "gpu": 1}, 16),  # an autoscaler adds the GPUs
+                                       ({"CPU": 2.0}, {"cpu": 1, "gpu": 0}, 16)]:
+        monkeypatch.setattr(runner.ray, "cluster_resources", lambda: cluster)
+        assert runner.max_pending_trials(request) == expected, (cluster, request)
+
+
+def test_a_tune_setting_the_user_made_is_kept_and_ours_lasts_only_the_sweep(monkeypatch):
+    from altgrad.sweep.runner import _environment_default
+
+    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
+    with _environment_default("TUNE_MAX_PENDING_TRIALS_PG", 16):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "16"
+    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
+    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "300")
+    with _environment_default("TUNE_MAX_PENDING_TRIALS_PG", 16):
+        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "300"
+    assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "300"
 
 
 def test_scheduler_copes_with_missing_and_odd_metrics_without_stopping_healthy_trials():
@@ -255,6 +311,11 @@ def test_a_local_sweep_lands_every_cell_with_consistent_tables(small_sweep):
     assert span.ge(t["trials"]["wall_time_s"] - 0.01).all()  # the stamps bracket the training loop
     assert str(t["trials"]["started_at"].dt.tz) == "UTC"
     assert "analyse with: altgrad report" in result.stdout
+    # Ray's snapshot of the experiment keeps no metric history for trials whose row is written
+    snapshot = json.loads(max((root / "_ray" / "t").glob("experiment_state-*.json")).read_text())
+    assert len(snapshot["trial_data"]) == 4
+    for _, metadata in snapshot["trial_data"]:
+        assert json.loads(metadata)["metric_analysis"] == {} and json.loads(metadata)["metric_n_steps"] == {}
 
 
 def test_the_scheduler_stops_the_collapsing_trials_and_only_them(small_sweep):

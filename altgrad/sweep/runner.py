@@ -42,6 +42,7 @@ MEASURED = "trial_measured"
 # (its checkpoint saved), and Ray restarts it from that checkpoint (FailureConfig.max_failures).
 CRASH_AT_STEP = "ALTGRAD_CRASH_AT_STEP"
 WANDB_MODES = ("off", "offline", "online")
+MIN_PENDING_TRIALS = 16
 
 
 def results_root(out: str, name: str) -> str:
@@ -179,6 +180,7 @@ class SweepRecorder(tune.Callback):
         for memory in (self.measured, self.stop_reasons, self.would_stop):
             memory.pop(trial.trial_id, None)  # in the row now
         _drop_checkpoints(trial)
+        _drop_metric_history(trial)
         if self._bar:
             self._bar.update(1)
             counts = {status: list(self.finished.values()).count(status) for status in ("stopped", "error")}
@@ -212,6 +214,15 @@ def _drop_checkpoints(trial) -> None:
         trial.storage.storage_filesystem.delete_dir(trial.storage.trial_fs_path)
     except (FileNotFoundError, OSError):
         pass
+
+
+def _drop_metric_history(trial) -> None:
+    """Tune keeps, per trial and per number it ever reported, running statistics (max, min, mean, the
+    last 5 and 10 values) for its own result analysis, which the sweep never asks for; they are most of
+    what each ended trial adds to every experiment snapshot and to the driver's memory. The row holds
+    the trial's results now."""
+    trial.run_metadata.metric_analysis = {}  # assigning (not clearing) drops Tune's cached JSON of them
+    trial.run_metadata.metric_n_steps = {}
 
 
 def _error_text(trial) -> str:
@@ -248,6 +259,19 @@ def local_capacity() -> list[dict]:
     import torch
 
     return [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
+
+
+def max_pending_trials(request: dict, floor: int = MIN_PENDING_TRIALS) -> int:
+    """How many trials Tune may have waiting for resources at once: as many as fit on the cluster now,
+    and at least ``floor`` (what an autoscaler sees as demand, cluster.yaml's 16 GPU workers).
+
+    Tune's own default for a grid is 200: each waiting trial requests its own placement group, and
+    when a trial ends, the next one takes over its actor (``reuse_actors``) and cancels that request.
+    Creating and cancelling a placement group per trial, and walking the 200 at every step of Tune's
+    loop, cost the driver CPU time per trial (benchmarks/scale.py)."""
+    resources = ray.cluster_resources()
+    slots = [resources.get(key.upper(), 0) // amount for key, amount in request.items() if amount]
+    return max(floor, int(min(slots)) if slots else floor)
 
 
 def node_capacity() -> list[dict]:
@@ -352,7 +376,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                     callbacks=callbacks),
             )
         started = time.perf_counter()
-        with _quiet_tune_messages():
+        with _quiet_tune_messages(), _environment_default("TUNE_MAX_PENDING_TRIALS_PG", max_pending_trials(request)):
             tuner.fit()
         statuses = {cell_id: recorder.finished[cell_id] for cell_id in spec.cell_ids if cell_id in recorder.finished}
         unfinished = [cell_id for cell_id in spec.cell_ids if cell_id not in recorder.finished]
@@ -415,6 +439,19 @@ def _quiet_tune_messages():
     finally:
         for logger, drop in drops:
             logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _environment_default(key: str, value):
+    """``key=value`` in the environment while the block runs, unless the user set ``key`` (theirs stays)."""
+    if key in os.environ:
+        yield
+        return
+    os.environ[key] = str(value)
+    try:
+        yield
+    finally:
+        os.environ.pop(key, None)
 
 
 def _experiment_dir(out: str, name: str) -> str:

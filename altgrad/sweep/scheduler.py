@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+from ray.tune.experiment import Trial
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 RANK_COLLAPSE, DIVERGED, ASHA = "rank_collapse", "diverged", "asha"
@@ -64,6 +65,7 @@ class RankCollapseScheduler(FIFOScheduler):
         self._best_loss: dict[str, float] = {}
         self._last_check: dict[str, object] = {}
         self._last_step: dict[str, float] = {}
+        self._unended: dict = {}  # the trials not ended, in the order they were added (a dict as an ordered set)
 
     def get_state(self) -> dict:
         """Its memory of every live trial (streaks, best losses, last rank check and step, ASHA's rungs)."""
@@ -83,6 +85,7 @@ class RankCollapseScheduler(FIFOScheduler):
         return self.asha.set_search_properties(metric, mode, **spec) if self.asha else True
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        self._unended[trial] = None
         if self.asha:
             self.asha.on_trial_add(tune_controller, trial)
 
@@ -104,6 +107,18 @@ class RankCollapseScheduler(FIFOScheduler):
         if self.on_decision:
             self.on_decision(trial.trial_id, reason, result, acted)
         return TrialScheduler.STOP if acted else TrialScheduler.CONTINUE
+
+    def choose_trial_to_run(self, tune_controller):
+        """The first pending trial in the sweep's order, else the first paused one: FIFO's choice. FIFO
+        scans every trial of the sweep at each step of Tune's loop, ended ones included (a cost quadratic
+        in the sweep's size); this scans the trials not yet ended, dropping those that have."""
+        for trial in [t for t in self._unended if t.is_finished()]:
+            del self._unended[trial]
+        for status in (Trial.PENDING, Trial.PAUSED):
+            for trial in self._unended:
+                if trial.status == status:
+                    return trial
+        return None
 
     def stop_reason(self, trial_id: str, result: dict) -> str | None:
         """This rule's verdict on one report (and its memory of the trial's earlier ones)."""
