@@ -227,6 +227,19 @@ def test_the_recorder_keeps_a_trials_measurements_only_until_its_row_is_written(
     assert history.metric_analysis == {} and history.metric_n_steps == {}  # and so is Tune's metric history
 
 
+def test_the_progress_counts_include_the_rows_a_resumed_sweep_started_with(tmp_path):
+    spec = parse_sweep({"name": "m", "trial": TINY_TRIAL, "matrix": {"seed": [0, 1, 2]}})
+    recorder = SweepRecorder(spec, str(tmp_path), progress=False, ended={spec.cell_ids[2]: "stopped"})
+    for index, error in ((0, None), (1, "boom")):
+        trial = SimpleNamespace(trial_id=f"t{index}", config={"cell_id": spec.cell_ids[index]}, last_result={},
+                                run_metadata=SimpleNamespace(metric_analysis={}, metric_n_steps={}),
+                                storage=SimpleNamespace(storage_filesystem=LocalFileSystem(),
+                                                        trial_fs_path=str(tmp_path / "_ray" / f"t{index}")))
+        recorder._write(trial, error=error)
+    assert recorder.status_counts == {"stopped": 1, "completed": 1, "error": 1}
+    assert dict(recorder.status_counts) == dict(pd.Series(recorder.finished).value_counts())
+
+
 def test_the_scheduler_chooses_the_trial_fifo_would_choose_without_scanning_ended_trials():
     # Ray's FIFOScheduler is the oracle: same choice over random statuses, trials added in order.
     from ray.tune.experiment import Trial

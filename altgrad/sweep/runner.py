@@ -22,6 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import ray
@@ -116,6 +117,7 @@ class SweepRecorder(tune.Callback):
         self.would_stop: dict[str, tuple[int | None, str]] = {}  # the first decision, acted on or not
         self.measured: dict[str, str] = {}  # the last report's measured columns (JSON), by Ray's trial id
         self.finished: dict[str, str] = dict(ended or {})  # cell id -> status
+        self.status_counts = Counter(self.finished.values())  # for the progress bar, without a scan per trial
         self.scheduler = build_scheduler(spec, on_decision=self.record_decision)
         self.progress = progress
         self._bar = None
@@ -177,14 +179,14 @@ class SweepRecorder(tune.Callback):
                        self.would_stop.get(trial.trial_id, (None, None)))
         results.write_rows(self.root, "trials", cell_id, [row])
         self.finished[cell_id] = row["status"]
+        self.status_counts[row["status"]] += 1
         for memory in (self.measured, self.stop_reasons, self.would_stop):
             memory.pop(trial.trial_id, None)  # in the row now
         _drop_checkpoints(trial)
         _drop_metric_history(trial)
         if self._bar:
             self._bar.update(1)
-            counts = {status: list(self.finished.values()).count(status) for status in ("stopped", "error")}
-            self._bar.set_postfix(counts, refresh=True)
+            self._bar.set_postfix({status: self.status_counts[status] for status in ("stopped", "error")}, refresh=True)
 
     def row(self, cell_id: str, measured: str | None, scheduler_reason: str | None, error: str | None,
             would_stop: tuple[int | None, str | None] = (None, None)) -> dict:
