@@ -67,5 +67,5 @@ def test_a_small_sweep_on_a_logical_gpu_cluster_writes_every_row_exactly_once(tm
     assert figures["rows"] == {**CLEAN, "cells": 12, "trials_rows": 12}
     assert figures["returncode"] == 0 and figures["cluster_stopped"]
     assert figures["cpu_s"] > 0 and figures["samples"] > 0 and figures["ray_files"] > 0
-    assert figures["cpu_user_s"] + figures["cpu_system_s"] == pytest.approx(figures["cpu_s"])
+    assert 0 < figures["cpu_user_s"] <= figures["cpu_s"] and 0 <= figures["cpu_system_s"] <= figures["cpu_s"]
     assert "consistent" in result.stdout and "INCONSISTENT" not in result.stdout

@@ -261,8 +261,15 @@ def test_the_scheduler_chooses_the_trial_fifo_would_choose_without_scanning_ende
             scheduler.on_trial_add(None, trial)
         for _ in range(3):  # statuses change between steps of Tune's loop
             for trial in trials:
-                if not trial.is_finished():  # an ended trial stays ended (a retried one is added again)
+                if not trial.is_finished():  # an ended trial stays ended
                     trial.status = rng.choice(statuses)
+            unended = [trial for trial in trials if not trial.is_finished()]
+            if unended and rng.random() < 0.5:  # a failed trial retried, as TuneController._requeue_trial does
+                retried = rng.choice(unended)
+                retried.status = Trial.PENDING
+                trials.remove(retried)
+                trials.append(retried)  # last in Tune's order
+                scheduler.on_trial_add(None, retried)
             controller = SimpleNamespace(get_trials=lambda: trials)
             assert scheduler.choose_trial_to_run(controller) is FIFOScheduler().choose_trial_to_run(controller)
         assert all(not trial.is_finished() for trial in scheduler._unended)  # ended ones are dropped

@@ -346,9 +346,6 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
     # minute is enough here: an ended trial is kept by its row, and a driver killed outright costs the
     # trials then running at most a minute's progress (they resume from the snapshot's checkpoints).
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "60")
-    # Tune's newer console output, even silenced (verbose=0), formats a resource summary of the cluster at
-    # every step of its loop, several times per trial, to print none of it; its older one, silenced, does not.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     ray.init(address=address, runtime_env={"env_vars": env} if env else None, ignore_reinit_error=True,
              log_to_driver=False, include_dashboard=False if address is None else None)
     try:

@@ -85,6 +85,7 @@ class RankCollapseScheduler(FIFOScheduler):
         return self.asha.set_search_properties(metric, mode, **spec) if self.asha else True
 
     def on_trial_add(self, tune_controller, trial) -> None:
+        self._unended.pop(trial, None)  # a retried trial is added again, last in Tune's order as in FIFO's
         self._unended[trial] = None
         if self.asha:
             self.asha.on_trial_add(tune_controller, trial)
