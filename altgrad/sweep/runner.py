@@ -263,9 +263,9 @@ def local_capacity() -> list[dict]:
     return [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
 
 
-def max_pending_trials(request: dict, floor: int = MIN_PENDING_TRIALS) -> int:
+def max_pending_trials(request: dict) -> int:
     """How many trials Tune may have waiting for resources at once: as many as fit on the cluster now,
-    and at least ``floor`` (what an autoscaler sees as demand, cluster.yaml's 16 GPU workers).
+    and at least MIN_PENDING_TRIALS (what an autoscaler sees as demand: cluster.yaml's 16 GPU workers).
 
     Tune's own default for a grid is 200: each waiting trial requests its own placement group, and
     when a trial ends, the next one takes over its actor (``reuse_actors``) and cancels that request.
@@ -273,7 +273,7 @@ def max_pending_trials(request: dict, floor: int = MIN_PENDING_TRIALS) -> int:
     loop, cost the driver CPU time per trial (benchmarks/scale.py)."""
     resources = ray.cluster_resources()
     slots = [resources.get(key.upper(), 0) // amount for key, amount in request.items() if amount]
-    return max(floor, int(min(slots)) if slots else floor)
+    return max(MIN_PENDING_TRIALS, int(min(slots)) if slots else 0)
 
 
 def node_capacity() -> list[dict]:
