@@ -28,17 +28,15 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 
+from altgrad.config import SCALE_FORMATS, SCALE_ROUNDINGS, block_tile
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import (ROUNDINGS, _LAYOUT, _call, _check_input, _compute_dtype, _count, _format_params,
                               _isinf, _isnan, _round_to_format, _StraightThrough)
 
-SCALE_FORMATS = ("e8m0", "fp32")
-SCALE_ROUNDINGS = ("floor", "ceil")
 E8M0_MAX_EXPONENT = 127  # E8M0 holds 2**-127 .. 2**127 (its 255 is NaN)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -71,7 +69,7 @@ def quantize_blockwise_with_stats(x: torch.Tensor, fmt, *, block, scale_format: 
 def per_element_scale(block_scales: torch.Tensor, block, shape) -> torch.Tensor:
     """The blocks' scales from :func:`quantize_blockwise_with_stats` spread over a tensor of ``shape``:
     each element's multiplier s (what broadcasts against the tensor, as a per-tensor scale does)."""
-    tile = _tile(block, len(shape))
+    tile = block_tile(block, len(shape))
     rows, cols = (shape[-2] if len(shape) > 1 else 1), shape[-1]
     return _per_element(block_scales, tile, (block_scales.shape[0], rows, cols)).reshape(shape)
 
@@ -80,7 +78,7 @@ def _quantize_blockwise(x, fmt, *, block, scale_format, scale_rounding, rounding
                         with_stats=False, epilogue=None, epilogue_args=()):
     fmt = get_format(fmt)
     _check_input(x, "quantize_blockwise")
-    tile = _tile(block, x.dim())
+    tile = block_tile(block, x.dim())
     if scale_format not in SCALE_FORMATS:
         raise ValueError(f"scale_format={scale_format!r} is not one of {', '.join(SCALE_FORMATS)}")
     if scale_rounding not in SCALE_ROUNDINGS:
@@ -109,17 +107,6 @@ def _quantize_blockwise(x, fmt, *, block, scale_format, scale_rounding, rounding
     if x.requires_grad and torch.is_grad_enabled():
         quantized = _StraightThrough.apply(x, quantized)
     return (quantized, *rest) if with_stats else quantized
-
-
-def _tile(block, ndim: int) -> tuple[int, int]:
-    """``block`` as (rows, cols) over the trailing two dims; a 1-D block is one row high."""
-    if (not isinstance(block, (tuple, list)) or len(block) not in (1, 2)
-            or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0
-                       for size in block)):
-        raise ValueError(f"block={block!r} is not one or two positive integers, e.g. (32,), (1, 32), (128, 128)")
-    if len(block) > ndim:
-        raise ValueError(f"block={tuple(block)!r} spans {len(block)} dims, but the tensor has {ndim}")
-    return (1, int(block[0])) if len(block) == 1 else (int(block[0]), int(block[1]))
 
 
 @functools.lru_cache(maxsize=None)

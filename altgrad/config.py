@@ -1,12 +1,15 @@
 """The cell: one format × optimizer × layer policy × seed, as the YAML of ``altgrad train`` and a sweep's
-``trial:`` describe it. Parsing checks every key and value up front, so a bad file fails in
-milliseconds with one line naming the file, the key and the value, before anything runs or is written.
+``trial:`` describe it, with every section's knobs (scaling, rank_trend, protection). Parsing checks
+every key and value up front, so a bad file fails in milliseconds with one line naming the file, the
+key and the value, before anything runs or is written. Nothing here imports torch (see below).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import numbers
 import re
 from fnmatch import fnmatchcase
 from dataclasses import dataclass, field
@@ -14,13 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from altgrad.diagnostics import RankTrendConfig
 from altgrad.failure import FailureRules
 from altgrad.formats import get_format
-from altgrad.layers import LAYER_POLICIES
-from altgrad.optim import OPTIMIZERS
-from altgrad.protection import ProtectionConfig
-from altgrad.scaling import ScalingConfig
 
 
 class ConfigError(ValueError):
@@ -28,6 +26,145 @@ class ConfigError(ValueError):
 
     def __init__(self, source: str, key: str, message: str):
         super().__init__(f"{source}: {key}: {message}")
+
+
+# ---- the sections' knobs -------------------------------------------------------------------------
+# Each cell section's dataclass lives here, beside the cell, and not in the module that implements it:
+# checking a cell then needs no torch, so the sweep driver (which only checks cells and schedules them)
+# never imports it. The implementing modules import their config from here, and re-export it.
+
+OPTIMIZERS = ("adamw", "manifold_adamw", "grid")  # altgrad.optim.build_optimizer's names
+LAYER_POLICIES = ("all", "attention", "mlp", "no_head")  # altgrad.layers.apply_policy's names
+RANK_TREND_METRICS = ("stable_rank", "effective_rank")  # altgrad.diagnostics.rank_metrics keys a trend follows
+RECIPES = ("delayed", "current", "none")
+AMAX_ALGOS = ("max", "most_recent")
+GRANULARITIES = ("tensor", "row", "block")
+SCALE_FORMATS = ("e8m0", "fp32")
+SCALE_ROUNDINGS = ("floor", "ceil")
+PROTECTION_MODES = ("off", "adaptive_svd")
+PROTECTION_TRIGGERS = ("alignment", "rank_warning")
+
+
+def block_tile(block, ndim: int) -> tuple[int, int]:
+    """``block`` as (rows, cols) over the trailing two dims; a 1-D block is one row high."""
+    if (not isinstance(block, (tuple, list)) or len(block) not in (1, 2)
+            or not all(isinstance(size, numbers.Integral) and not isinstance(size, bool) and size > 0
+                       for size in block)):
+        raise ValueError(f"block={block!r} is not one or two positive integers, e.g. (32,), (1, 32), (128, 128)")
+    if len(block) > ndim:
+        raise ValueError(f"block={tuple(block)!r} spans {len(block)} dims, but the tensor has {ndim}")
+    return (1, int(block[0])) if len(block) == 1 else (int(block[0]), int(block[1]))
+
+
+RECIPES = ("delayed", "current", "none")
+AMAX_ALGOS = ("max", "most_recent")
+GRANULARITIES = ("tensor", "row", "block")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """How one quantization point picks its scale."""
+
+    recipe: str = "delayed"
+    history_len: int = 16
+    amax_compute: str = "max"  # over the history: "max" or "most_recent"
+    margin: int = 0  # extra power-of-two headroom: scale / 2**margin
+    power_of_two: bool = False
+    granularity: str = "tensor"  # tensor | row | block: one scale per tensor, per row, per block
+    block: tuple = (1, 32)  # granularity block: (rows, cols) of an operand laid out (other dim, reduction dim)
+    scale_format: str = "e8m0"  # row/block scales: e8m0 (powers of two) or fp32
+    scale_rounding: str = "floor"  # e8m0 scales: floor (OCP MX) or ceil (TE MXFP8, nothing overflows)
+
+    def __post_init__(self):
+        if self.recipe not in RECIPES:
+            raise ValueError(f"scaling recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
+        if self.amax_compute not in AMAX_ALGOS:
+            raise ValueError(f"amax_compute {self.amax_compute!r} is not one of {', '.join(AMAX_ALGOS)}")
+        if self.history_len < 1:
+            raise ValueError(f"history_len must be at least 1, got {self.history_len}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
+        object.__setattr__(self, "block", block_tile(self.block, 2))  # checked; (32,) is (1, 32)
+        if self.scale_format not in SCALE_FORMATS:
+            raise ValueError(f"scale_format={self.scale_format!r} is not one of {', '.join(SCALE_FORMATS)}")
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"scale_rounding={self.scale_rounding!r} is not one of {', '.join(SCALE_ROUNDINGS)}")
+        if self.granularity != "tensor":
+            per_tensor = {"recipe": self.recipe == "none", "margin": self.margin != 0, "power_of_two": self.power_of_two}
+            for key, set_ in per_tensor.items():
+                if set_:
+                    raise ValueError(f"{key}={getattr(self, key)!r} does not go with granularity={self.granularity}: "
+                                     f"row and block scales come from each block's own amax (scale_format e8m0 "
+                                     f"makes them powers of two)")
+
+    @property
+    def per_tensor(self) -> bool:
+        return self.granularity == "tensor"
+
+
+@dataclass(frozen=True)
+class RankTrendConfig:
+    """Knobs of :class:`RankTrendDetector`. Every duration is in training steps, whatever the check
+    interval, so ``rank_every`` changes how often the detector looks, not when it may warn."""
+
+    warmup_steps: int = 200  # no warning before this step, and the values before it are not looked at
+    ema_beta: float = 0.98  # EMA decay per training step: a memory of about 1 / (1 - beta) = 50 steps
+    drop_threshold: float = 0.5  # warn when the EMA falls below (1 - this) x its peak since warm-up
+    critical_drop_threshold: float = 0.3  # the same for critical layers: smaller, so they warn sooner
+    critical_patterns: tuple[str, ...] = ("lm_head", "c_proj")  # globs matched anywhere in the name
+    metric: str = "stable_rank"  # the rank_metrics key the trainer feeds to update()
+
+    def __post_init__(self):
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.ema_beta < 1:
+            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
+        for key in ("drop_threshold", "critical_drop_threshold"):
+            if not 0 < getattr(self, key) < 1:
+                raise ValueError(f"{key} must be in (0, 1), got {getattr(self, key)}")
+        if isinstance(self.critical_patterns, str):
+            raise ValueError(f"critical_patterns must be a sequence of patterns, got the string "
+                             f"{self.critical_patterns!r}")
+        if self.metric not in RANK_TREND_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(RANK_TREND_METRICS)}, got {self.metric!r}")
+
+
+@dataclass(frozen=True)
+class ProtectionConfig:
+    """The cell's ``protection`` key: what is watched, how often, and when a layer switches."""
+
+    mode: str = "off"  # off | adaptive_svd
+    layers: tuple[str, ...] = ("lm_head", "*.c_proj")  # fnmatch patterns of full layer names: the critical ones
+    every: int = 50  # steps between checks
+    k: int = 8  # the principal subspace the alignment measures: the top-k left singular vectors
+    principal_threshold: float = 0.4  # protect when the principal alignment exceeds this
+    release_threshold: float = 0.2  # release a protected layer when it falls below this (<= the above)
+    min_rank: int = 1  # the trained factor's rank never goes below this
+    trigger: str = "alignment"  # alignment (above principal_threshold) | rank_warning (the rank detector warns)
+
+    def __post_init__(self):
+        if self.mode not in PROTECTION_MODES:
+            raise ValueError(f"mode={self.mode!r} is not one of {', '.join(PROTECTION_MODES)}")
+        if self.trigger not in PROTECTION_TRIGGERS:
+            raise ValueError(f"trigger={self.trigger!r} is not one of {', '.join(PROTECTION_TRIGGERS)}")
+        if isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers) or not self.layers:
+            raise ValueError(f"layers={self.layers!r} must be a non-empty list of name patterns")
+        object.__setattr__(self, "layers", tuple(self.layers))
+        for key in ("every", "k", "min_rank"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key}={getattr(self, key)!r} must be >= 1")
+        if not 0 <= self.principal_threshold <= 1:
+            raise ValueError(f"principal_threshold={self.principal_threshold!r} must lie in [0, 1]")
+        if not 0 <= self.release_threshold <= self.principal_threshold:
+            raise ValueError(f"release_threshold={self.release_threshold!r} must lie in [0, principal_threshold="
+                             f"{self.principal_threshold!r}]")
+
+    def check_optimizer(self, optimizer: str) -> None:
+        """Raise ValueError for an optimizer protection cannot work with."""
+        if self.mode != "off" and optimizer == "grid":
+            raise ValueError(f"mode={self.mode!r} with optimizer=grid: grid keeps every weight on its format's "
+                             f"grid, and a frozen W_p plus trained factors is not on it (use adamw or "
+                             f"manifold_adamw)")
 
 
 @dataclass(frozen=True)
@@ -80,6 +217,14 @@ class CellConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def cell_columns(cell: CellConfig, trial_id: str, sweep: str | None) -> dict:
+    """The columns of a trial's ``trials`` row that its cell decides, known before it runs."""
+    return {"trial_id": trial_id, "format": cell.format, "optimizer": cell.optimizer,
+            "layers": cell.layers if isinstance(cell.layers, str) else json.dumps(cell.layers, sort_keys=True),
+            "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_planned": cell.steps, "sweep": sweep,
+            "config": json.dumps(cell.to_dict(), sort_keys=True, default=list)}
 
 
 _NESTED = {"model": ModelSettings, "diagnostics": DiagnosticSettings, "scaling": ScalingConfig,

@@ -35,10 +35,11 @@ from typing import NamedTuple
 
 import torch
 
+from altgrad.config import RANK_TREND_METRICS, RankTrendConfig
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _call, _code_numbers, _code_params, _compute_dtype, _count, _scale_tensor, encode
 
-RANK_KEYS = ("stable_rank", "effective_rank", "spectral_norm")
+RANK_KEYS = (*RANK_TREND_METRICS, "spectral_norm")
 CLOBBER_KEYS = ("subspace_angle_deg", "grad_topk_share", "principal_alignment", "minor_alignment")
 
 # ---- flips ----------------------------------------------------------------------------------------
@@ -398,33 +399,6 @@ def critical_layer_metrics(weight: torch.Tensor, *, grad: torch.Tensor | None = 
 
 
 # ---- rank-collapse warnings -----------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RankTrendConfig:
-    """Knobs of :class:`RankTrendDetector`. Every duration is in training steps, whatever the check
-    interval, so ``rank_every`` changes how often the detector looks, not when it may warn."""
-
-    warmup_steps: int = 200  # no warning before this step, and the values before it are not looked at
-    ema_beta: float = 0.98  # EMA decay per training step: a memory of about 1 / (1 - beta) = 50 steps
-    drop_threshold: float = 0.5  # warn when the EMA falls below (1 - this) x its peak since warm-up
-    critical_drop_threshold: float = 0.3  # the same for critical layers: smaller, so they warn sooner
-    critical_patterns: tuple[str, ...] = ("lm_head", "c_proj")  # globs matched anywhere in the name
-    metric: str = "stable_rank"  # the rank_metrics key the trainer feeds to update()
-
-    def __post_init__(self):
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
-        if not 0 <= self.ema_beta < 1:
-            raise ValueError(f"ema_beta must be in [0, 1), got {self.ema_beta}")
-        for key in ("drop_threshold", "critical_drop_threshold"):
-            if not 0 < getattr(self, key) < 1:
-                raise ValueError(f"{key} must be in (0, 1), got {getattr(self, key)}")
-        if isinstance(self.critical_patterns, str):
-            raise ValueError(f"critical_patterns must be a sequence of patterns, got the string "
-                             f"{self.critical_patterns!r}")
-        if self.metric not in RANK_KEYS[:2]:
-            raise ValueError(f"metric must be one of {', '.join(RANK_KEYS[:2])}, got {self.metric!r}")
-
 
 @dataclass
 class _Trend:

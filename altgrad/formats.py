@@ -13,6 +13,8 @@ its default bias of 1 makes its magnitudes ``m / 2**7``. Negative zero exists in
 (code 0x80); ``grid()`` and ``num_finite`` count one zero.
 
 Properties are derived from the code layout alone; the tests check them against ml_dtypes and torch.
+Only the tensors (``code_values``, ``grid``) need torch, and import it when asked: a sweep's driver
+reads formats by name and never imports torch.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 SPECIALS = ("ieee", "fn", "finite")
 
@@ -44,11 +48,15 @@ class FPFormat:
     @property
     def is_native(self) -> bool:
         """fp32/bf16/fp16: quantized by torch's own casts, not by the 8-bit simulator."""
-        return self.torch_dtype is not None
+        return self.name in _NATIVE_DTYPES
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
-        return _NATIVE_DTYPES.get(self.name)
+        if not self.is_native:
+            return None
+        import torch
+
+        return getattr(torch, _NATIVE_DTYPES[self.name])
 
     @property
     def emin(self) -> int:
@@ -123,11 +131,15 @@ class FPFormat:
         elif self.special == "fn":
             mags += [math.nan]
         assert len(mags) == n_mag
+        import torch
+
         values = torch.tensor(mags, dtype=torch.float64)
         return torch.cat([values, -values]).float()
 
     def grid(self) -> torch.Tensor:
         """Every distinct finite value, ascending, as float32 (one zero)."""
+        import torch
+
         values = self.code_values
         return torch.unique(values[torch.isfinite(values)])  # sorted; -0.0 == 0.0, so one zero stays
 
@@ -138,7 +150,7 @@ class FPFormat:
         return self.name
 
 
-_NATIVE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_NATIVE_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # names in torch
 
 _NATIVE = {
     "fp32": FPFormat("fp32", 8, 23, 127, "ieee"),
@@ -230,4 +242,4 @@ def same_grid_up_to_scale(a: FPFormat, b: FPFormat) -> float | None:
     if ga.numel() != gb.numel():
         return None
     factor = b.max_value / a.max_value
-    return factor if torch.equal(ga * factor, gb) else None
+    return factor if bool((ga * factor == gb).all()) else None

@@ -34,12 +34,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from altgrad.config import LAYER_POLICIES, ScalingConfig
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import ROUNDINGS, quantize, quantize_with_stats
-from altgrad.scaling import Scaler, ScalingConfig
+from altgrad.scaling import Scaler
 
 POINTS = ("weight", "input", "grad")
-LAYER_POLICIES = ("all", "attention", "mlp", "no_head")
 DEFAULT_GRAD_FORMAT = "E5M2"  # range over precision: gradients span more binades than they need digits
 
 # fp32 and bf16 have fp32's exponent range, so a per-tensor scale buys nothing: they are plain torch casts.

@@ -42,11 +42,9 @@ import dataclasses
 
 import torch
 
+from altgrad.config import OPTIMIZERS, ScalingConfig
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _LAYOUT, quantize
-from altgrad.scaling import ScalingConfig
-
-OPTIMIZERS = ("adamw", "manifold_adamw", "grid")
 
 # Group keys that point at the model (its format, live scale buffer and block-scale rule): left out of
 # checkpoints, and kept from the live optimizer on load, so a resumed run keeps reading the model's own.

@@ -40,57 +40,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import NamedTuple
 
 import torch
 
+from altgrad.config import ProtectionConfig
 from altgrad.diagnostics import _finite_matrix, _gradient_shares, _gram, _noise_floor, _python_values, _singular_values
 from altgrad.probes import SpectrumProbe
 
-MODES = ("off", "adaptive_svd")
-TRIGGERS = ("alignment", "rank_warning")
 LAYER_KEYS = ("protected_rank", "principal_alignment", "minor_alignment", "spectral_concentration",
               "reconstruction_error")
-
-
-@dataclass(frozen=True)
-class ProtectionConfig:
-    """The cell's ``protection`` key: what is watched, how often, and when a layer switches."""
-
-    mode: str = "off"  # off | adaptive_svd
-    layers: tuple[str, ...] = ("lm_head", "*.c_proj")  # fnmatch patterns of full layer names: the critical ones
-    every: int = 50  # steps between checks
-    k: int = 8  # the principal subspace the alignment measures: the top-k left singular vectors
-    principal_threshold: float = 0.4  # protect when the principal alignment exceeds this
-    release_threshold: float = 0.2  # release a protected layer when it falls below this (<= the above)
-    min_rank: int = 1  # the trained factor's rank never goes below this
-    trigger: str = "alignment"  # alignment (above principal_threshold) | rank_warning (the rank detector warns)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"mode={self.mode!r} is not one of {', '.join(MODES)}")
-        if self.trigger not in TRIGGERS:
-            raise ValueError(f"trigger={self.trigger!r} is not one of {', '.join(TRIGGERS)}")
-        if isinstance(self.layers, str) or not all(isinstance(p, str) for p in self.layers) or not self.layers:
-            raise ValueError(f"layers={self.layers!r} must be a non-empty list of name patterns")
-        object.__setattr__(self, "layers", tuple(self.layers))
-        for key in ("every", "k", "min_rank"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key}={getattr(self, key)!r} must be >= 1")
-        if not 0 <= self.principal_threshold <= 1:
-            raise ValueError(f"principal_threshold={self.principal_threshold!r} must lie in [0, 1]")
-        if not 0 <= self.release_threshold <= self.principal_threshold:
-            raise ValueError(f"release_threshold={self.release_threshold!r} must lie in [0, principal_threshold="
-                             f"{self.principal_threshold!r}]")
-
-    def check_optimizer(self, optimizer: str) -> None:
-        """Raise ValueError for an optimizer protection cannot work with."""
-        if self.mode != "off" and optimizer == "grid":
-            raise ValueError(f"mode={self.mode!r} with optimizer=grid: grid keeps every weight on its format's "
-                             f"grid, and a frozen W_p plus trained factors is not on it (use adamw or "
-                             f"manifold_adamw)")
 
 
 # ---- one spectrum per check ---------------------------------------------------------------------

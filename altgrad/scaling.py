@@ -24,59 +24,12 @@ Engine's MXFP8 recipe keeps row-wise and column-wise copies (see :func:`gemm_blo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from altgrad.blockwise import (SCALE_FORMATS, SCALE_ROUNDINGS, _tile, per_element_scale, quantize_blockwise,
-                               quantize_blockwise_with_stats)
+from altgrad.blockwise import per_element_scale, quantize_blockwise, quantize_blockwise_with_stats
+from altgrad.config import ScalingConfig
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _max_value, _quantize, quantize, quantize_with_stats
-
-RECIPES = ("delayed", "current", "none")
-AMAX_ALGOS = ("max", "most_recent")
-GRANULARITIES = ("tensor", "row", "block")
-
-
-@dataclass(frozen=True)
-class ScalingConfig:
-    """How one quantization point picks its scale."""
-
-    recipe: str = "delayed"
-    history_len: int = 16
-    amax_compute: str = "max"  # over the history: "max" or "most_recent"
-    margin: int = 0  # extra power-of-two headroom: scale / 2**margin
-    power_of_two: bool = False
-    granularity: str = "tensor"  # tensor | row | block: one scale per tensor, per row, per block
-    block: tuple = (1, 32)  # granularity block: (rows, cols) of an operand laid out (other dim, reduction dim)
-    scale_format: str = "e8m0"  # row/block scales: e8m0 (powers of two) or fp32
-    scale_rounding: str = "floor"  # e8m0 scales: floor (OCP MX) or ceil (TE MXFP8, nothing overflows)
-
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise ValueError(f"scaling recipe {self.recipe!r} is not one of {', '.join(RECIPES)}")
-        if self.amax_compute not in AMAX_ALGOS:
-            raise ValueError(f"amax_compute {self.amax_compute!r} is not one of {', '.join(AMAX_ALGOS)}")
-        if self.history_len < 1:
-            raise ValueError(f"history_len must be at least 1, got {self.history_len}")
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r} is not one of {', '.join(GRANULARITIES)}")
-        object.__setattr__(self, "block", _tile(self.block, 2))  # checked; (32,) is (1, 32)
-        if self.scale_format not in SCALE_FORMATS:
-            raise ValueError(f"scale_format={self.scale_format!r} is not one of {', '.join(SCALE_FORMATS)}")
-        if self.scale_rounding not in SCALE_ROUNDINGS:
-            raise ValueError(f"scale_rounding={self.scale_rounding!r} is not one of {', '.join(SCALE_ROUNDINGS)}")
-        if self.granularity != "tensor":
-            per_tensor = {"recipe": self.recipe == "none", "margin": self.margin != 0, "power_of_two": self.power_of_two}
-            for key, set_ in per_tensor.items():
-                if set_:
-                    raise ValueError(f"{key}={getattr(self, key)!r} does not go with granularity={self.granularity}: "
-                                     f"row and block scales come from each block's own amax (scale_format e8m0 "
-                                     f"makes them powers of two)")
-
-    @property
-    def per_tensor(self) -> bool:
-        return self.granularity == "tensor"
 
 
 def gemm_block(config: ScalingConfig, shape, reduction_dim: int) -> tuple[int, int]:

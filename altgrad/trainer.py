@@ -17,7 +17,6 @@ bit and rewrites its row files without duplicates or gaps.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -29,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from altgrad import results
-from altgrad.config import CellConfig, ConfigError
+from altgrad.config import CellConfig, ConfigError, cell_columns
 from altgrad.data import get_batch, load_data, validation_batches
 from altgrad.failure import label_failure
 from altgrad.layers import QuantLinear, apply_policy
@@ -54,14 +53,6 @@ def lr_factor(step: int, cell: CellConfig) -> float:
         return (step + 1) / cell.warmup_steps
     progress = (step - cell.warmup_steps) / max(1, cell.steps - cell.warmup_steps)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def cell_columns(cell: CellConfig, trial_id: str, sweep: str | None) -> dict:
-    """The columns of a trial's ``trials`` row that its cell decides, known before it runs."""
-    return {"trial_id": trial_id, "format": cell.format, "optimizer": cell.optimizer,
-            "layers": cell.layers if isinstance(cell.layers, str) else json.dumps(cell.layers, sort_keys=True),
-            "seed": cell.seed, "lr": cell.lr, "ulp_lr": cell.ulp_lr, "steps_planned": cell.steps, "sweep": sweep,
-            "config": json.dumps(cell.to_dict(), sort_keys=True, default=list)}
 
 
 def node_id() -> str:

@@ -17,6 +17,8 @@ per trial it is reported all in (total / trials) and at the margin (least-square
 CPU time against trials finished, which leaves out the start-up). Its resident memory is sampled from
 ``/proc`` every ``--sample-s``; the growth per trial is the least-squares slope of RSS against
 trials finished, from the first trial's row to the end. Trials finished = rows in the ``trials`` table.
+Each sample also looks for torch's library in the driver's memory map: the driver only checks cells
+and schedules them, and importing torch would cost it ~2 s of CPU and ~180 MB.
 
 Consistency is read back from the Parquet files with pandas alone: every cell's ``trials`` row present
 exactly once and completed, every trial's ``steps`` rows exactly 1..steps, no duplicates, no leftover
@@ -159,6 +161,15 @@ def cpu_and_rss(pid: int) -> tuple[float, float]:
     return (int(fields[11]) + int(fields[12])) / ticks, pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def mapped_torch(pid: int) -> bool:
+    """Whether the process has torch's native library mapped: it imported torch (Linux)."""
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            return any("libtorch" in line for line in maps)
+    except OSError:  # it exited just now
+        return False
+
+
 def exited(pid: int) -> bool:
     """Whether the child has exited, leaving it to be reaped (``WNOWAIT``) so its rusage can be read."""
     return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
@@ -167,15 +178,17 @@ def exited(pid: int) -> bool:
 def run_driver(sweep_file: Path, out: Path, address: str, env: dict, sample_s: float, timeout: float,
                profile: str | None = None) -> dict:
     """Run ``altgrad sweep --address``, sampling it until it exits; return its exit code, its exact CPU
-    time (rusage), its output's tail and the samples (seconds, trials finished, CPU s, RSS MB)."""
+    time (rusage), its output's tail, the samples (seconds, trials finished, CPU s, RSS MB), and whether
+    it imported torch (seen at any sample; the driver only schedules, and should not)."""
     root, log_path = out / NAME, out / "driver.log"
     with open(log_path, "w") as log:
         altgrad = ["-c", CPU_PROFILER, profile] if profile else ["-m", "altgrad.cli"]
         driver = subprocess.Popen([sys.executable, *altgrad, "sweep", str(sweep_file), "--out", str(out),
                                    "--address", address], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    samples, started = [], time.time()
+    samples, started, torch_loaded = [], time.time(), False
     try:
         while not exited(driver.pid):
+            torch_loaded = torch_loaded or mapped_torch(driver.pid)
             cpu_s, rss_mb = cpu_and_rss(driver.pid)
             if rss_mb:  # 0: it exited just now (a zombie holds no memory), and its CPU time comes from rusage
                 samples.append((time.time() - started, finished_trials(root), cpu_s, rss_mb))
@@ -191,7 +204,7 @@ def run_driver(sweep_file: Path, out: Path, address: str, env: dict, sample_s: f
     driver.returncode = os.waitstatus_to_exitcode(status)
     return {"returncode": driver.returncode, "wall_s": time.time() - started, "cpu_s": usage.ru_utime + usage.ru_stime,
             "cpu_user_s": usage.ru_utime, "cpu_system_s": usage.ru_stime,
-            "samples": samples, "output_tail": log_path.read_text()[-2000:]}
+            "samples": samples, "torch_loaded": torch_loaded, "output_tail": log_path.read_text()[-2000:]}
 
 
 # ---- the figures -------------------------------------------------------------------------------------
@@ -216,6 +229,7 @@ def driver_figures(run: dict, cells: int) -> dict:
             "rss_mb_first_row": float(rss[ended][0]) if ended.any() else None,
             "rss_mb_end": float(rss[-1]) if len(rss) else None,
             "rss_mb_peak": float(rss.max()) if len(rss) else None, "samples": int(len(samples)),
+            "driver_imported_torch": run["torch_loaded"],
             "trace": {"trials_finished": finished.tolist(), "cpu_s": cpu.tolist(), "rss_mb": rss.tolist()}}
 
 
@@ -328,6 +342,8 @@ def print_figures(f: dict) -> None:
     print(f"  driver RSS growth per trial      {number(f['rss_mb_per_trial'], '.4f')} MB  "
           f"(goal <= {GOALS['rss_mb_per_trial']}; {number(f['rss_mb_first_row'], '.0f')} MB at the first row -> "
           f"{number(f['rss_mb_end'], '.0f')} MB at the end, peak {number(f['rss_mb_peak'], '.0f')} MB)")
+    print(f"  driver imported torch            {'yes' if f['driver_imported_torch'] else 'no'}   "
+          f"(libtorch in its /proc/PID/maps at any sample)")
     print(f"  Ray's experiment folder          {f['ray_mb']:.1f} MB in {f['ray_files']} files")
     print(f"  rows: {rows['trials_rows']} trials rows for {rows['cells']} cells; missing {rows['missing']}, "
           f"duplicated {rows['duplicated']}, unexpected {rows['unexpected']}, not completed {rows['not_completed']}; "

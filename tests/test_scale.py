@@ -57,6 +57,22 @@ def test_the_slope_is_least_squares():
     assert scale.slope([5, 5], [1, 2]) is None
 
 
+def test_mapped_torch_tells_a_process_that_imported_torch_from_one_that_did_not():
+    def waiting(code):  # a child that has run ``code`` and waits on its stdin
+        child = subprocess.Popen([sys.executable, "-c", code + "; print('ready', flush=True); input()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        return child
+
+    children = {"import torch": waiting("import torch"), "import json": waiting("import json")}
+    try:
+        assert {code: scale.mapped_torch(c.pid) for code, c in children.items()} == {"import torch": True,
+                                                                                     "import json": False}
+    finally:
+        for child in children.values():
+            child.communicate("\n", timeout=60)
+
+
 def test_a_small_sweep_on_a_logical_gpu_cluster_writes_every_row_exactly_once(tmp_path):
     out = tmp_path / "scale.json"
     result = subprocess.run([sys.executable, "benchmarks/scale.py", "--cells", "12", "--gpus", "4", "--nodes", "1",
@@ -66,6 +82,7 @@ def test_a_small_sweep_on_a_logical_gpu_cluster_writes_every_row_exactly_once(tm
     figures = json.loads(out.read_text())
     assert figures["rows"] == {**CLEAN, "cells": 12, "trials_rows": 12}
     assert figures["returncode"] == 0 and figures["cluster_stopped"]
+    assert figures["driver_imported_torch"] is False  # it schedules; the trials' workers import torch
     assert figures["cpu_s"] > 0 and figures["samples"] > 0 and figures["ray_files"] > 0
     assert 0 < figures["cpu_user_s"] <= figures["cpu_s"] and 0 <= figures["cpu_system_s"] <= figures["cpu_s"]
     assert "consistent" in result.stdout and "INCONSISTENT" not in result.stdout

@@ -474,3 +474,17 @@ def test_wandb_offline_logs_one_run_per_trial_under_the_results_dir_without_netw
     assert len(runs) == 2
     for run in runs:  # each run records its group, the sweep's name
         assert b"wbgroup" in next(run.glob("*.wandb")).read_bytes()
+
+
+@pytest.mark.parametrize("sweep_file", ["smoke.yaml", "smoke_mx.yaml", "calibrate.yaml", "full_matrix.yaml"])
+def test_checking_a_sweep_and_loading_its_driver_imports_no_torch(sweep_file):
+    """The driver checks cells and schedules them: torch (~2 s of CPU, ~180 MB) is the trials' workers' to
+    load. (protect.yaml does load it: its layer patterns are checked against the model on the meta device.)"""
+    code = ("import sys, altgrad.cli, altgrad.sweep.runner; from altgrad.sweep import load_sweep; "
+            f"cells = load_sweep('sweeps/{sweep_file}').cells; "
+            "print(len(cells), sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    n_cells, _, torch_modules = result.stdout.strip().partition(" ")
+    assert int(n_cells) > 1 and torch_modules == "[]"

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from altgrad.analysis.compare import (LR_AXES, _final_step, best_lr_cells, best_split, reached_step, t_interval,
                                       val_loss_at, welch_interval)
 from altgrad.analysis.tables import Results, _ordered, _sort, cell_keys, nullable
-from altgrad.scaling import GRANULARITIES
+from altgrad.config import GRANULARITIES
 
 GRANULARITY = "scaling.granularity"
 REFERENCE = "tensor"

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 from altgrad.analysis.compare import t_interval, welch_interval
 from altgrad.analysis.tables import Results, _sort, cell_keys, is_true, nullable, trial_config, with_axes
 from altgrad.analysis.warnings import failure_labels
-from altgrad.protection import ProtectionConfig
+from altgrad.config import ProtectionConfig
 
 MODE = "protection.mode"
 OFF = "off"

@@ -20,10 +20,8 @@ import pandas as pd
 import pyarrow as pa
 
 from altgrad import results as tables
-from altgrad.config import ConfigError
-from altgrad.diagnostics import RankTrendConfig
+from altgrad.config import OPTIMIZERS, ConfigError, RankTrendConfig
 from altgrad.formats import NAMES
-from altgrad.optim import OPTIMIZERS
 
 BASELINE = "adamw"
 STOPPED = ("stopped", "error")

@@ -30,10 +30,9 @@ from ray import tune
 from tqdm.auto import tqdm
 
 from altgrad import results
-from altgrad.config import ConfigError, parse_cell
+from altgrad.config import ConfigError, cell_columns, parse_cell
 from altgrad.sweep.scheduler import RankCollapseScheduler
 from altgrad.sweep.spec import SweepSpec
-from altgrad.trainer import Trainer, cell_columns
 
 CHECKPOINT_FILE = "trainer.pt"
 # The report key carrying the trainer's measured row columns (one JSON string: Tune keeps running
@@ -61,7 +60,10 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozen
 
     An actor may be reused for the next trial (``reuse_actors``): everything a trial depends on is set
     here (seeds inside the Trainer, the thread count from the trial's CPUs). A cell in ``ended`` (its
-    row was written before the driver restarted) returns at once, touching nothing."""
+    row was written before the driver restarted) returns at once, touching nothing. The trainer (and
+    torch) is imported here, on the trial's worker: the driver never imports torch."""
+    from altgrad.trainer import Trainer
+
     cell_id = config["cell_id"]
     if cell_id in ended:
         return
