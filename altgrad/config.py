@@ -1,7 +1,8 @@
 """The cell: one format × optimizer × layer policy × seed, as the YAML of ``altgrad train`` and a sweep's
 ``trial:`` describe it, with every section's knobs (scaling, rank_trend, protection). Parsing checks
 every key and value up front, so a bad file fails in milliseconds with one line naming the file, the
-key and the value, before anything runs or is written. Nothing here imports torch (see below).
+key and the value, before anything runs or is written. Importing this module loads no torch (see below);
+only the checks that build the model (protection layers) or look at the machine (check_runtime) do.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ class ConfigError(ValueError):
 
 # ---- the sections' knobs -------------------------------------------------------------------------
 # Each cell section's dataclass lives here, beside the cell, and not in the module that implements it:
-# checking a cell then needs no torch, so the sweep driver (which only checks cells and schedules them)
-# never imports it. The implementing modules import their config from here, and re-export it.
+# checking a cell then needs no torch, so the driver of a sweep on a cluster (which only checks cells and
+# schedules them) never imports it. The implementing modules import their config and names from here,
+# and re-export them under their old names.
 
 OPTIMIZERS = ("adamw", "manifold_adamw", "grid")  # altgrad.optim.build_optimizer's names
 LAYER_POLICIES = ("all", "attention", "mlp", "no_head")  # altgrad.layers.apply_policy's names
@@ -54,11 +56,6 @@ def block_tile(block, ndim: int) -> tuple[int, int]:
     if len(block) > ndim:
         raise ValueError(f"block={tuple(block)!r} spans {len(block)} dims, but the tensor has {ndim}")
     return (1, int(block[0])) if len(block) == 1 else (int(block[0]), int(block[1]))
-
-
-RECIPES = ("delayed", "current", "none")
-AMAX_ALGOS = ("max", "most_recent")
-GRANULARITIES = ("tensor", "row", "block")
 
 
 @dataclass(frozen=True)
@@ -104,7 +101,7 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RankTrendConfig:
-    """Knobs of :class:`RankTrendDetector`. Every duration is in training steps, whatever the check
+    """Knobs of :class:`altgrad.diagnostics.RankTrendDetector`. Every duration is in training steps, whatever the check
     interval, so ``rank_every`` changes how often the detector looks, not when it may warn."""
 
     warmup_steps: int = 200  # no warning before this step, and the values before it are not looked at

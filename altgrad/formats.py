@@ -13,8 +13,8 @@ its default bias of 1 makes its magnitudes ``m / 2**7``. Negative zero exists in
 (code 0x80); ``grid()`` and ``num_finite`` count one zero.
 
 Properties are derived from the code layout alone; the tests check them against ml_dtypes and torch.
-Only the tensors (``code_values``, ``grid``) need torch, and import it when asked: a sweep's driver
-reads formats by name and never imports torch.
+Only ``torch_dtype`` and the tensors (``code_values``, ``grid``) need torch, and they import it when
+asked: a sweep's driver reads formats by name and never imports torch.
 """
 
 from __future__ import annotations

@@ -45,6 +45,8 @@ from typing import NamedTuple
 
 import torch
 
+from altgrad.config import PROTECTION_MODES as MODES  # noqa: F401 (re-exported: its name here before)
+from altgrad.config import PROTECTION_TRIGGERS as TRIGGERS  # noqa: F401
 from altgrad.config import ProtectionConfig
 from altgrad.diagnostics import _finite_matrix, _gradient_shares, _gram, _noise_floor, _python_values, _singular_values
 from altgrad.probes import SpectrumProbe

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 
 from altgrad.blockwise import per_element_scale, quantize_blockwise, quantize_blockwise_with_stats
-from altgrad.config import ScalingConfig
+from altgrad.config import (AMAX_ALGOS, GRANULARITIES, RECIPES, SCALE_FORMATS,  # noqa: F401 (re-exported)
+                            SCALE_ROUNDINGS, ScalingConfig)
 from altgrad.formats import FPFormat, get_format
 from altgrad.quantize import _max_value, _quantize, quantize, quantize_with_stats
 

@@ -166,7 +166,7 @@ def mapped_torch(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/maps") as maps:
             return any("libtorch" in line for line in maps)
-    except OSError:  # it exited just now
+    except (FileNotFoundError, ProcessLookupError):  # it exited just now
         return False
 
 

@@ -64,8 +64,9 @@ def test_mapped_torch_tells_a_process_that_imported_torch_from_one_that_did_not(
         assert child.stdout.readline().strip() == "ready"
         return child
 
-    children = {"import torch": waiting("import torch"), "import json": waiting("import json")}
+    children = {}
     try:
+        children = {code: waiting(code) for code in ("import torch", "import json")}
         assert {code: scale.mapped_torch(c.pid) for code, c in children.items()} == {"import torch": True,
                                                                                      "import json": False}
     finally:

@@ -488,3 +488,21 @@ def test_checking_a_sweep_and_loading_its_driver_imports_no_torch(sweep_file):
     assert result.returncode == 0, result.stderr
     n_cells, _, torch_modules = result.stdout.strip().partition(" ")
     assert int(n_cells) > 1 and torch_modules == "[]"
+
+
+@pytest.mark.parametrize("module,names", [
+    ("altgrad.scaling", ["ScalingConfig", "RECIPES", "AMAX_ALGOS", "GRANULARITIES", "SCALE_FORMATS", "SCALE_ROUNDINGS"]),
+    ("altgrad.blockwise", ["SCALE_FORMATS", "SCALE_ROUNDINGS"]),
+    ("altgrad.diagnostics", ["RankTrendConfig"]),
+    ("altgrad.protection", ["ProtectionConfig", "MODES", "TRIGGERS"]),
+    ("altgrad.layers", ["LAYER_POLICIES"]), ("altgrad.optim", ["OPTIMIZERS"]), ("altgrad.trainer", ["cell_columns"]),
+])
+def test_what_moved_to_altgrad_config_still_imports_from_its_old_module(module, names):
+    """Research scripts (and Ray's pickled recorder of a sweep begun before the move) name them there."""
+    import importlib
+
+    import altgrad.config
+
+    old_home = importlib.import_module(module)
+    aliases = {"MODES": "PROTECTION_MODES", "TRIGGERS": "PROTECTION_TRIGGERS"}
+    assert all(getattr(old_home, name) is getattr(altgrad.config, aliases.get(name, name)) for name in names)

@@ -61,7 +61,7 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozen
     An actor may be reused for the next trial (``reuse_actors``): everything a trial depends on is set
     here (seeds inside the Trainer, the thread count from the trial's CPUs). A cell in ``ended`` (its
     row was written before the driver restarted) returns at once, touching nothing. The trainer (and
-    torch) is imported here, on the trial's worker: the driver never imports torch."""
+    torch) is imported here, on the trial's worker: a driver on a cluster does not import torch."""
     from altgrad.trainer import Trainer
 
     cell_id = config["cell_id"]
