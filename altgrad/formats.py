@@ -14,7 +14,7 @@ its default bias of 1 makes its magnitudes ``m / 2**7``. Negative zero exists in
 
 Properties are derived from the code layout alone; the tests check them against ml_dtypes and torch.
 Only ``torch_dtype`` and the tensors (``code_values``, ``grid``) need torch, and they import it when
-asked: a sweep's driver reads formats by name and never imports torch.
+asked: the driver of a sweep on a cluster reads formats by name and imports no torch.
 """
 
 from __future__ import annotations
