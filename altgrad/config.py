@@ -101,8 +101,9 @@ class ScalingConfig:
 
 @dataclass(frozen=True)
 class RankTrendConfig:
-    """Knobs of :class:`altgrad.diagnostics.RankTrendDetector`. Every duration is in training steps, whatever the check
-    interval, so ``rank_every`` changes how often the detector looks, not when it may warn."""
+    """Knobs of :class:`altgrad.diagnostics.RankTrendDetector`. Every duration is in training steps,
+    whatever the check interval, so ``rank_every`` changes how often the detector looks, not when it
+    may warn."""
 
     warmup_steps: int = 200  # no warning before this step, and the values before it are not looked at
     ema_beta: float = 0.98  # EMA decay per training step: a memory of about 1 / (1 - beta) = 50 steps

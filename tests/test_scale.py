@@ -66,7 +66,8 @@ def test_mapped_torch_tells_a_process_that_imported_torch_from_one_that_did_not(
 
     children = {}
     try:
-        children = {code: waiting(code) for code in ("import torch", "import json")}
+        for code in ("import torch", "import json"):
+            children[code] = waiting(code)  # one at a time: a child started is a child stopped below
         assert {code: scale.mapped_torch(c.pid) for code, c in children.items()} == {"import torch": True,
                                                                                      "import json": False}
     finally:
