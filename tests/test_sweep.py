@@ -300,6 +300,46 @@ def test_a_tune_setting_the_user_made_is_kept_and_ours_lasts_only_the_sweep(monk
     assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "300"
 
 
+def test_the_trainable_is_fetched_from_rays_registry_once_per_name_while_the_sweep_runs(monkeypatch):
+    from ray import tune
+    from ray.tune import registry
+
+    from altgrad.sweep.runner import _trainable_lookups_cached
+
+    class Local(tune.Trainable):
+        pass
+
+    registry.register_trainable("altgrad_test_local", Local)
+    loads = []
+    monkeypatch.setattr(registry, "pickle", SimpleNamespace(loads=lambda data: loads.append(data) or pickle.loads(data)))
+    try:
+        registry.get_trainable_cls("altgrad_test_local"), registry.get_trainable_cls("altgrad_test_local")
+        assert len(loads) == 2  # Ray's own: an unpickle per lookup
+        with _trainable_lookups_cached():
+            first = registry.get_trainable_cls("altgrad_test_local")
+            assert registry.get_trainable_cls("altgrad_test_local") is first and first.__name__ == "Local"
+        assert len(loads) == 3
+        assert "get" not in vars(registry._global_registry)  # the registry's own method again
+        registry.get_trainable_cls("altgrad_test_local")
+        assert len(loads) == 4
+    finally:
+        registry._global_registry.unregister(registry.TRAINABLE_CLASS, "altgrad_test_local")
+
+
+def test_a_trials_reports_carry_checkpoints_except_the_last_which_ends_it(tmp_path, monkeypatch):
+    # A checkpoint at the last report would only be uploaded for the driver to delete once the row is written.
+    from altgrad.sweep import runner
+
+    reports = []
+    resources = SimpleNamespace(required_resources={"CPU": 1})
+    monkeypatch.setattr(runner, "tune", SimpleNamespace(
+        report=lambda metrics, checkpoint=None: reports.append((metrics["step"], checkpoint is not None)),
+        get_checkpoint=lambda: None, Checkpoint=SimpleNamespace(from_directory=lambda directory: directory),
+        get_context=lambda: SimpleNamespace(get_trial_resources=lambda: resources)))
+    runner.run_trial({"cell_id": "c"}, cells={"c": {**TINY_TRIAL, "format": "E4M3"}}, root=str(tmp_path), sweep="t")
+    assert reports == [(10, True), (20, True), (30, False)]
+    assert len(pd.read_parquet(tmp_path / "steps" / "c.parquet")) == 30  # the trial ran whole
+
 def test_scheduler_copes_with_missing_and_odd_metrics_without_stopping_healthy_trials():
     scheduler = RankCollapseScheduler(patience=1)
     for result in ({}, {"train_loss": None}, {"rank_warnings": float("nan")}, {"train_loss": "x"},

@@ -83,7 +83,10 @@ def run_trial(config: dict, *, cells: dict, root: str, sweep: str, ended: frozen
 
     def report(metrics: dict, checkpoint: Path | None) -> None:
         metrics = {**metrics, MEASURED: json.dumps(trainer.measured())}
-        if checkpoint is None:
+        # The last report ends the trial, and its row, not a checkpoint, records it: a checkpoint here would
+        # be uploaded only for the driver to delete it (_drop_checkpoints), at one more round trip per trial.
+        last = metrics["step"] >= cell.steps or metrics["stop_reason"] is not None
+        if checkpoint is None or last:
             tune.report(metrics)
         else:
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(str(checkpoint.parent)))
@@ -187,8 +190,8 @@ class SweepRecorder(tune.Callback):
         _drop_checkpoints(trial)
         _drop_metric_history(trial)
         if self._bar:
-            self._bar.update(1)
-            self._bar.set_postfix({status: self.status_counts[status] for status in ("stopped", "error")}, refresh=True)
+            self._bar.set_postfix({status: self.status_counts[status] for status in ("stopped", "error")}, refresh=False)
+            self._bar.update(1)  # redraws, postfix included, at most every tqdm's mininterval
 
     def row(self, cell_id: str, measured: str | None, scheduler_reason: str | None, error: str | None,
             would_stop: tuple[int | None, str | None] = (None, None)) -> dict:
@@ -380,7 +383,8 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                     callbacks=callbacks),
             )
         started = time.perf_counter()
-        with _quiet_tune_messages(), _environment_default("TUNE_MAX_PENDING_TRIALS_PG", max_pending_trials(request)):
+        with _quiet_tune_messages(), _trainable_lookups_cached(), \
+                _environment_default("TUNE_MAX_PENDING_TRIALS_PG", max_pending_trials(request)):
             tuner.fit()
         statuses = {cell_id: recorder.finished[cell_id] for cell_id in spec.cell_ids if cell_id in recorder.finished}
         unfinished = [cell_id for cell_id in spec.cell_ids if cell_id not in recorder.finished]
@@ -443,6 +447,32 @@ def _quiet_tune_messages():
     finally:
         for logger, drop in drops:
             logger.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def _trainable_lookups_cached():
+    """Tune's driver looks the trainable up in Ray's registry each time it creates a trial and each time
+    it requests an actor for one: a GCS round trip and an unpickle of the wrapped class (its resources
+    and parameter references) every time, two per trial and an eighth of the driver's CPU time
+    (benchmarks/scale.py). The trainable is registered once, before ``fit``, and never changes while it
+    runs: one lookup per name is enough."""
+    from ray.tune.registry import TRAINABLE_CLASS, _global_registry
+
+    registry_get = _global_registry.get
+    trainables: dict = {}
+
+    def get(category, key):
+        if category != TRAINABLE_CLASS:
+            return registry_get(category, key)
+        if key not in trainables:
+            trainables[key] = registry_get(category, key)
+        return trainables[key]
+
+    _global_registry.get = get
+    try:
+        yield
+    finally:
+        del _global_registry.get  # the class's own method again
 
 
 @contextlib.contextmanager
