@@ -275,29 +275,42 @@ def test_the_scheduler_chooses_the_trial_fifo_would_choose_without_scanning_ende
         assert all(not trial.is_finished() for trial in scheduler._unended)  # ended ones are dropped
 
 
-def test_tune_may_keep_as_many_trials_waiting_as_fit_on_the_cluster_and_at_least_sixteen(monkeypatch):
+def test_tune_keeps_as_many_trials_alive_as_fit_and_on_a_cluster_at_least_sixteen(monkeypatch):
     from altgrad.sweep import runner
 
-    for cluster, request, expected in [({"CPU": 64.0, "GPU": 40.0}, {"cpu": 1, "gpu": 1}, 40),
-                                       ({"CPU": 64.0, "GPU": 40.0}, {"cpu": 2, "gpu": 1}, 32),
-                                       ({"CPU": 100.0}, {"cpu": 1, "gpu": 0}, 100),
-                                       ({"CPU": 4.0}, {"cpu": 1, "gpu": 1}, 16),  # an autoscaler adds the GPUs
-                                       ({"CPU": 2.0}, {"cpu": 1, "gpu": 0}, 16)]:
+    for cluster, request, on_cluster, expected in [
+            ({"CPU": 64.0, "GPU": 40.0}, {"cpu": 1, "gpu": 1}, True, 40),
+            ({"CPU": 64.0, "GPU": 40.0}, {"cpu": 2, "gpu": 1}, True, 32),
+            ({"CPU": 100.0}, {"cpu": 1, "gpu": 0}, True, 100),
+            ({"CPU": 4.0}, {"cpu": 1, "gpu": 1}, True, 16),  # an autoscaler adds the GPUs
+            ({"CPU": 2.0}, {"cpu": 1, "gpu": 0}, True, 16),
+            ({"CPU": 2.0}, {"cpu": 1, "gpu": 0}, False, 2),  # this machine: nothing else will appear
+            ({"CPU": 2.0}, {"cpu": 4, "gpu": 0}, False, 1)]:
         monkeypatch.setattr(runner.ray, "cluster_resources", lambda: cluster)
-        assert runner.max_pending_trials(request) == expected, (cluster, request)
+        assert runner.max_concurrent_trials(request, on_cluster) == expected, (cluster, request, on_cluster)
 
 
-def test_a_tune_setting_the_user_made_is_kept_and_ours_lasts_only_the_sweep(monkeypatch):
-    from altgrad.sweep.runner import _environment_default
+@pytest.mark.parametrize("value, expected", [(None, None), ("64", 64), ("0", "error"), ("-3", "error"), ("many", "error")])
+def test_the_concurrency_override_is_a_positive_integer(value, expected, monkeypatch):
+    from altgrad.config import ConfigError
+    from altgrad.sweep.runner import MAX_CONCURRENT_TRIALS, concurrency_override
 
-    monkeypatch.delenv("TUNE_MAX_PENDING_TRIALS_PG", raising=False)
-    with _environment_default("TUNE_MAX_PENDING_TRIALS_PG", 16):
-        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "16"
-    assert "TUNE_MAX_PENDING_TRIALS_PG" not in os.environ
-    monkeypatch.setenv("TUNE_MAX_PENDING_TRIALS_PG", "300")
-    with _environment_default("TUNE_MAX_PENDING_TRIALS_PG", 16):
-        assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "300"
-    assert os.environ["TUNE_MAX_PENDING_TRIALS_PG"] == "300"
+    if value is None:
+        monkeypatch.delenv(MAX_CONCURRENT_TRIALS, raising=False)
+    else:
+        monkeypatch.setenv(MAX_CONCURRENT_TRIALS, value)
+    if expected == "error":
+        with pytest.raises(ConfigError, match=MAX_CONCURRENT_TRIALS):
+            concurrency_override()
+    else:
+        assert concurrency_override() == expected
+
+
+def test_a_bad_concurrency_override_is_refused_before_anything_runs(tmp_path):
+    result = altgrad("sweep", str(sweep_file(tmp_path)), "--out", str(tmp_path / "out"),
+                     env={"ALTGRAD_MAX_CONCURRENT_TRIALS": "lots"})
+    assert result.returncode == 2 and "ALTGRAD_MAX_CONCURRENT_TRIALS" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_the_trainable_is_fetched_from_rays_registry_once_per_name_while_the_sweep_runs(monkeypatch):

@@ -42,7 +42,10 @@ MEASURED = "trial_measured"
 # (its checkpoint saved), and Ray restarts it from that checkpoint (FailureConfig.max_failures).
 CRASH_AT_STEP = "ALTGRAD_CRASH_AT_STEP"
 WANDB_MODES = ("off", "offline", "online")
-MIN_PENDING_TRIALS = 16
+# On a cluster, at least this many trials alive at once: the demand an autoscaler needs to start every GPU
+# worker of cluster.yaml. A user with a larger autoscaling cluster sets the environment variable.
+MIN_CLUSTER_TRIALS = 16
+MAX_CONCURRENT_TRIALS = "ALTGRAD_MAX_CONCURRENT_TRIALS"
 
 
 def results_root(out: str, name: str) -> str:
@@ -268,17 +271,29 @@ def local_capacity() -> list[dict]:
     return [{"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}]
 
 
-def max_pending_trials(request: dict) -> int:
-    """How many trials Tune may have waiting for resources at once: as many as fit on the cluster now,
-    and at least MIN_PENDING_TRIALS (what an autoscaler sees as demand: cluster.yaml's 16 GPU workers).
+def max_concurrent_trials(request: dict, on_cluster: bool) -> int:
+    """How many trials Tune keeps alive at once (running, or waiting for resources): as many as fit on the
+    cluster now, and on a cluster at least MIN_CLUSTER_TRIALS (``ALTGRAD_MAX_CONCURRENT_TRIALS`` overrides).
 
-    Tune's own default for a grid is 200: each waiting trial requests its own placement group, and
-    when a trial ends, the next one takes over its actor (``reuse_actors``) and cancels that request.
-    Creating and cancelling a placement group per trial, and walking the 200 at every step of Tune's
-    loop, cost the driver CPU time per trial (benchmarks/scale.py)."""
+    Tune's default makes a trial for every cell it may (up to 200 waiting), each requesting its own actor
+    and placement group; with ``reuse_actors`` a trial that ends hands its actor to a waiting trial, which
+    cancels its request, and the next waiting trial makes a new one: an actor and a placement group
+    requested and cancelled per trial. With no more trials alive than run, a new trial takes the freed
+    actor at once: benchmarks/scale.py's driver CPU per trial falls by about two fifths."""
     resources = ray.cluster_resources()
     slots = [resources.get(key.upper(), 0) // amount for key, amount in request.items() if amount]
-    return max(MIN_PENDING_TRIALS, int(min(slots)) if slots else 0)
+    fit = max(1, int(min(slots)) if slots else 1)
+    return max(MIN_CLUSTER_TRIALS, fit) if on_cluster else fit
+
+
+def concurrency_override() -> int | None:
+    """``ALTGRAD_MAX_CONCURRENT_TRIALS`` from the environment, checked: a positive integer, or None."""
+    value = os.environ.get(MAX_CONCURRENT_TRIALS)
+    if value is None:
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ConfigError("environment", MAX_CONCURRENT_TRIALS, f"{value!r} is not a positive integer")
+    return int(value)
 
 
 def node_capacity() -> list[dict]:
@@ -340,6 +355,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
         return {**{cell_id: ended[cell_id] for cell_id in spec.cell_ids}, "_wall_time_s": 0.0}
     if address is None and spec.resources is not None:
         check_resources(spec, spec.resources, local_capacity())
+    concurrency = concurrency_override()
     env = _wandb_environment(wandb, root)
     if CRASH_AT_STEP in os.environ:
         env[CRASH_AT_STEP] = os.environ[CRASH_AT_STEP]
@@ -374,8 +390,9 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
             tuner = tune.Tuner(
                 trainable,
                 param_space={"cell_id": None},  # named only: each point gives it (a falsy value, so no warning)
-                tune_config=tune.TuneConfig(scheduler=recorder.scheduler, reuse_actors=True, max_concurrent_trials=None,
-                                            search_alg=_one_trial_per_cell(spec), num_samples=len(spec.cell_ids)),
+                tune_config=tune.TuneConfig(
+                    scheduler=recorder.scheduler, reuse_actors=True, num_samples=len(spec.cell_ids),
+                    search_alg=_one_trial_per_cell(spec, concurrency or max_concurrent_trials(request, address is not None))),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=2),
@@ -383,8 +400,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
                     callbacks=callbacks),
             )
         started = time.perf_counter()
-        with _quiet_tune_messages(), _trainable_lookups_cached(), \
-                _environment_default("TUNE_MAX_PENDING_TRIALS_PG", max_pending_trials(request)):
+        with _quiet_tune_messages(), _trainable_lookups_cached():
             tuner.fit()
         statuses = {cell_id: recorder.finished[cell_id] for cell_id in spec.cell_ids if cell_id in recorder.finished}
         unfinished = [cell_id for cell_id in spec.cell_ids if cell_id not in recorder.finished]
@@ -396,14 +412,15 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
         ray.shutdown()
 
 
-def _one_trial_per_cell(spec: SweepSpec):
-    """One trial per cell, in the sweep's order, each config being ``{"cell_id": ...}``. Given as points to
-    evaluate (the param space only names the key) rather than ``tune.grid_search(cell_ids)``: Tune
-    deep-copies a grid's whole value list for every trial it makes from it, which costs the driver time
-    quadratic in the number of cells."""
+def _one_trial_per_cell(spec: SweepSpec, max_concurrent: int):
+    """One trial per cell, in the sweep's order, each config being ``{"cell_id": ...}``, with at most
+    ``max_concurrent`` alive at once. Given as points to evaluate (the param space only names the key)
+    rather than ``tune.grid_search(cell_ids)``: Tune deep-copies a grid's whole value list for every trial
+    it makes from it, which costs the driver time quadratic in the number of cells."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(points_to_evaluate=[{"cell_id": cell_id} for cell_id in spec.cell_ids])
+    return BasicVariantGenerator(points_to_evaluate=[{"cell_id": cell_id} for cell_id in spec.cell_ids],
+                                 max_concurrent=max_concurrent)
 
 
 def _restore(path: str, trainable, scheduler: RankCollapseScheduler, callbacks: list) -> tune.Tuner:
@@ -473,19 +490,6 @@ def _trainable_lookups_cached():
         yield
     finally:
         del _global_registry.get  # the class's own method again
-
-
-@contextlib.contextmanager
-def _environment_default(key: str, value):
-    """``key=value`` in the environment while the block runs, unless the user set ``key`` (theirs stays)."""
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = str(value)
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 def _experiment_dir(out: str, name: str) -> str:
