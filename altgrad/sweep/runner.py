@@ -279,7 +279,7 @@ def max_concurrent_trials(request: dict, on_cluster: bool) -> int:
     and placement group; with ``reuse_actors`` a trial that ends hands its actor to a waiting trial, which
     cancels its request, and the next waiting trial makes a new one: an actor and a placement group
     requested and cancelled per trial. With no more trials alive than run, a new trial takes the freed
-    actor at once: benchmarks/scale.py's driver CPU per trial falls by about two fifths."""
+    actor at once (benchmarks/scale.py: README, Speed)."""
     resources = ray.cluster_resources()
     slots = [resources.get(key.upper(), 0) // amount for key, amount in request.items() if amount]
     fit = max(1, int(min(slots)) if slots else 1)
