@@ -282,7 +282,7 @@ def max_concurrent_trials(request: dict, on_cluster: bool) -> int:
     actor at once (benchmarks/scale.py: README, Speed)."""
     resources = ray.cluster_resources()
     slots = [resources.get(key.upper(), 0) // amount for key, amount in request.items() if amount]
-    fit = max(1, int(min(slots)) if slots else 1)
+    fit = max(1, int(min(slots, default=1)))
     return max(MIN_CLUSTER_TRIALS, fit) if on_cluster else fit
 
 
@@ -355,7 +355,7 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
         return {**{cell_id: ended[cell_id] for cell_id in spec.cell_ids}, "_wall_time_s": 0.0}
     if address is None and spec.resources is not None:
         check_resources(spec, spec.resources, local_capacity())
-    concurrency = concurrency_override()
+    override = concurrency_override()
     env = _wandb_environment(wandb, root)
     if CRASH_AT_STEP in os.environ:
         env[CRASH_AT_STEP] = os.environ[CRASH_AT_STEP]
@@ -387,12 +387,13 @@ def run_sweep(spec: SweepSpec, out: str, *, address: str | None = None, resume: 
         if resume:
             tuner = _restore(_experiment_dir(out, spec.name), trainable, recorder.scheduler, callbacks)
         else:
+            limit = override or max_concurrent_trials(request, on_cluster=address is not None)
             tuner = tune.Tuner(
                 trainable,
                 param_space={"cell_id": None},  # named only: each point gives it (a falsy value, so no warning)
                 tune_config=tune.TuneConfig(
                     scheduler=recorder.scheduler, reuse_actors=True, num_samples=len(spec.cell_ids),
-                    search_alg=_one_trial_per_cell(spec, concurrency or max_concurrent_trials(request, address is not None))),
+                    search_alg=_one_trial_per_cell(spec, limit)),
                 run_config=tune.RunConfig(
                     name=spec.name, storage_path=experiment_path(out, spec.name), verbose=0,
                     failure_config=tune.FailureConfig(max_failures=2),
